@@ -1,0 +1,205 @@
+"""The ``fedmtl`` command: simulate, compare, validate, report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedmtl.config import (
+    ALGORITHM_NAMES,
+    ConfigError,
+    Experiment,
+    load_experiment,
+    parse_experiment,
+)
+
+console = Console()
+EXIT_BAD_INPUT = 2
+
+
+class RichObserver:
+    """Round progress bar plus one status line per phase."""
+
+    def __init__(self, progress: Progress, label: str) -> None:
+        self.progress = progress
+        self.label = label
+        self.task: Any = None
+
+    def on_start(self, experiment: Experiment, first_round: int) -> None:
+        """Create the round bar."""
+        self.task = self.progress.add_task(
+            f"{self.label} round {first_round}/{experiment.rounds}",
+            total=experiment.rounds,
+            completed=first_round - 1,
+        )
+
+    def on_phase(self, round_: int, phase: str, done: int, total: int) -> None:
+        """Show the phase that just ended."""
+        self.progress.update(self.task, description=f"{self.label} round {round_}: {phase} "
+                                                    f"{done}/{total}")
+
+    def on_round_end(self, round_: int, rows: list[dict[str, Any]]) -> None:
+        """Advance the bar; report failed clients."""
+        failed = [r["client_id"] for r in rows if r.get("status") == "failed"]
+        note = f" ({len(failed)} left out: {', '.join(failed)})" if failed else ""
+        self.progress.update(self.task, completed=round_,
+                             description=f"{self.label} round {round_} done{note}")
+
+
+def with_algorithm(experiment: Experiment, name: str) -> Experiment:
+    """The experiment with ``algorithm`` replaced by ``name`` and its ``[hyperparameters.<name>]``."""
+    data = experiment.model_dump(mode="json")
+    data["algorithm"] = {"name": name, **experiment.hyperparameters.get(name, {})}
+    return parse_experiment(data, check_data=False)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _run_one(experiment: Experiment, output: str, resume_dir: str | None = None) -> Any:
+    from fedmtl.results import RunDirectory
+    from fedmtl.simulation import simulate
+
+    run_dir = RunDirectory(resume_dir) if resume_dir else RunDirectory.create(output, experiment)
+    with _progress() as progress:
+        observer = RichObserver(progress, experiment.algorithm.name)
+        simulate(experiment, run_dir, resume=resume_dir is not None, observer=observer)
+    return run_dir
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run one experiment in Flower's simulation engine."""
+    from fedmtl.report import summarize, summary_table
+    from fedmtl.results import RunDirectory
+
+    start = time.perf_counter()
+    if args.resume:
+        run = RunDirectory(args.resume)
+        experiment = run.experiment()
+        run_dir = _run_one(experiment, str(run.path.parent.parent), resume_dir=args.resume)
+    else:
+        experiment = load_experiment(args.config)
+        if args.algorithm:
+            experiment = with_algorithm(experiment, args.algorithm)
+        if args.rounds:
+            experiment = experiment.model_copy(update={"rounds": args.rounds})
+        run_dir = _run_one(experiment, args.output or experiment.output_dir)
+    summary = summarize(run_dir)
+    console.print(summary_table(summary))
+    console.print(f"run folder: [bold]{run_dir.path}[/bold]  ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run several algorithms on the same clients and seed; print the Δ% table and plot."""
+    from fedmtl.report import compare_table, plot_runs, summarize
+
+    experiment = load_experiment(args.config)
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    unknown = [a for a in algorithms if a not in ALGORITHM_NAMES]
+    if unknown:
+        raise ConfigError(f"--algorithms: unknown {unknown}; known: {list(ALGORITHM_NAMES)}")
+    if "local" in algorithms:  # the reference runs first so every Δ% has it
+        algorithms.remove("local")
+        algorithms.insert(0, "local")
+    output = args.output or experiment.output_dir
+    runs = {}
+    for name in algorithms:
+        runs[name] = _run_one(with_algorithm(experiment, name), output)
+    reference = runs.get("local")
+    summaries = {name: summarize(run, reference if name != "local" else None)
+                 for name, run in runs.items()}
+    compare_dir = Path(output) / experiment.name / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    compare_dir.mkdir(parents=True, exist_ok=True)
+    plot = plot_runs(runs, compare_dir / "compare.png")
+    import json
+
+    (compare_dir / "compare.json").write_text(json.dumps(summaries, indent=2, allow_nan=True))
+    console.print(compare_table(summaries))
+    console.print(f"plot: [bold]{plot}[/bold]\nruns: " + ", ".join(str(r.path) for r in runs.values()))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Validate an experiment file."""
+    experiment = load_experiment(args.config)
+    console.print(
+        f"[green]ok[/green]: {experiment.name}: {len(experiment.clients)} clients, "
+        f"algorithm {experiment.algorithm.name}, {experiment.rounds} rounds"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Re-draw the table and plots of a finished run."""
+    from fedmtl.report import report
+
+    if not (Path(args.run_dir) / "config.json").is_file():
+        raise ConfigError(f"{args.run_dir}: not a fedmtl run folder (no config.json)")
+    report(args.run_dir, console)
+    console.print(f"plot: {Path(args.run_dir) / 'metrics.png'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="fedmtl", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="run an experiment in Flower's simulation engine")
+    sim.add_argument("config", nargs="?", help="experiment TOML file")
+    sim.add_argument("--output", help="output directory (default: the file's output_dir)")
+    sim.add_argument("--algorithm", choices=ALGORITHM_NAMES, help="override algorithm.name")
+    sim.add_argument("--rounds", type=int, help="override rounds")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    sim.set_defaults(func=cmd_simulate)
+
+    cmp = sub.add_parser("compare", help="run several algorithms; Δ%% table and plot")
+    cmp.add_argument("config", help="experiment TOML file")
+    cmp.add_argument("--algorithms", default="local,fedavg", help="comma-separated names")
+    cmp.add_argument("--output", help="output directory")
+    cmp.set_defaults(func=cmd_compare)
+
+    val = sub.add_parser("validate", help="check an experiment file (exit 2 if invalid)")
+    val.add_argument("config")
+    val.set_defaults(func=cmd_validate)
+
+    rep = sub.add_parser("report", help="re-draw a finished run's table and plots")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "simulate" and not (args.config or args.resume):
+        parser.error("simulate needs CONFIG or --resume RUN_DIR")
+    try:
+        return int(args.func(args))
+    except (ConfigError, FileNotFoundError) as exc:
+        console.print(f"[red]error[/red]: {exc}")
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Flower ClientApp: parse the message, find this node's client, dispatch to its algorithm."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+import fedmtl.clients  # noqa: F401  (registers every client algorithm)
+from fedmtl.clients.base import client_algorithm
+from fedmtl.clients.session import ClientSession, shared_specs
+from fedmtl.config import Experiment, experiment_from_json
+from fedmtl.messages import (
+    CLIENT_ID,
+    CONFIG,
+    EXPERIMENT,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    STATE_ROOT,
+    from_array_record,
+    make_reply_content,
+    specs_to_json,
+)
+
+log = logging.getLogger("fedmtl.client")
+app = ClientApp()
+
+ALL_GROUPS = ("encoder", "decoders", "projector")
+
+
+@functools.lru_cache(maxsize=4)
+def _experiment(text: str) -> Experiment:
+    return experiment_from_json(text)
+
+
+def client_id_of(context: Context, experiment: Experiment) -> str:
+    """This node's client: ``client-id`` in the node config, else the partition-id-th client."""
+    node_config = context.node_config
+    if "client-id" in node_config:
+        client_id = str(node_config["client-id"])
+        experiment.client(client_id)  # raises KeyError naming it if the experiment lacks it
+        return client_id
+    if "partition-id" in node_config:
+        index = int(node_config["partition-id"])
+        if not 0 <= index < len(experiment.clients):
+            raise ValueError(
+                f"partition-id {index} is out of range: experiment {experiment.name!r} has "
+                f"{len(experiment.clients)} clients"
+            )
+        return experiment.clients[index].client_id
+    raise ValueError("node config needs client-id=... (deployment) or partition-id (simulation)")
+
+
+def open_session(msg: Message, context: Context) -> tuple[ClientSession, dict[str, Any]]:
+    """Build the session for this node from a message."""
+    config = dict(msg.content[CONFIG])
+    experiment = _experiment(str(config[EXPERIMENT]))
+    client_id = client_id_of(context, experiment)
+    addressed = config.get(CLIENT_ID)
+    if addressed is not None and addressed != client_id:
+        raise ValueError(f"message addressed to {addressed!r} reached client {client_id!r}")
+    node_config = context.node_config
+    if "state-dir" in node_config:
+        state_dir = Path(str(node_config["state-dir"]))
+    elif STATE_ROOT in config:
+        state_dir = Path(str(config[STATE_ROOT])) / client_id
+    else:
+        raise ValueError("no state directory: set state-dir in the node config")
+    data_root = str(node_config["data-dir"]) if "data-dir" in node_config else None
+    threads = int(node_config.get("num-threads", 0) or 0)
+    if threads:
+        torch.set_num_threads(threads)
+    return ClientSession(experiment, client_id, state_dir, data_root), config
+
+
+def _received(msg: Message) -> dict[str, torch.Tensor]:
+    if "arrays" in msg.content.array_records:
+        return from_array_record(msg.content.array_records["arrays"])
+    return {}
+
+
+@app.query("describe")
+def describe(msg: Message, context: Context) -> Message:
+    """Tell the server who this node is and which tensors it can share."""
+    session, _ = open_session(msg, context)
+    model = session.new_model()
+    info = {
+        "dataset": session.client.dataset,
+        "tasks": json.dumps(session.client.tasks),
+        "specs": specs_to_json(shared_specs(model, ALL_GROUPS)),
+        "device": str(session.device),
+    }
+    metrics = {NUM_EXAMPLES: len(session.split("train")), "num-test": len(session.split("test"))}
+    return Message(make_reply_content(session.client_id, metrics, info=info), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training on the server's tensors; reply with the shared tensors."""
+    session, config = open_session(msg, context)
+    algorithm = client_algorithm(session.experiment, session)
+    outcome = algorithm.train(int(config[SERVER_ROUND]), _received(msg), config)
+    content = make_reply_content(
+        session.client_id, outcome.metrics, outcome.arrays, **outcome.extra_arrays
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the personal model on the local test split."""
+    session, config = open_session(msg, context)
+    algorithm = client_algorithm(session.experiment, session)
+    results, loss, examples = algorithm.evaluate(int(config[SERVER_ROUND]), _received(msg))
+    metrics: dict[str, float | int] = {NUM_EXAMPLES: examples, "eval/loss": loss}
+    for task, values in results.items():
+        metrics.update({f"eval/{task}/{name}": float(v) for name, v in values.items()})
+    return Message(make_reply_content(session.client_id, metrics), reply_to=msg)

@@ -1,0 +1,127 @@
+"""Client-side algorithm base and registry: what a client does with a train/evaluate message."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from fedmtl.clients.session import ClientSession, load_tensors, shared_parameters
+from fedmtl.clients.training import TrainStats, train_epochs
+from fedmtl.config import Experiment
+
+CLIENT_ALGORITHMS: dict[str, type[ClientAlgorithm]] = {}
+
+
+def register_client_algorithm(name: str) -> Callable[[type[ClientAlgorithm]], type[ClientAlgorithm]]:
+    """Register the client side of algorithm ``name`` (``algorithm.name`` in the experiment)."""
+
+    def decorator(cls: type[ClientAlgorithm]) -> type[ClientAlgorithm]:
+        CLIENT_ALGORITHMS[name] = cls
+        return cls
+
+    return decorator
+
+
+def client_algorithm(experiment: Experiment, session: ClientSession) -> ClientAlgorithm:
+    """The client side of the experiment's algorithm."""
+    name = experiment.algorithm.name
+    if name not in CLIENT_ALGORITHMS:
+        raise KeyError(f"no client side registered for algorithm {name!r}")
+    return CLIENT_ALGORITHMS[name](session)
+
+
+@dataclass
+class TrainOutcome:
+    """What a client sends back after training."""
+
+    arrays: dict[str, Tensor]
+    metrics: dict[str, float | int]
+    extra_arrays: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+
+class ClientAlgorithm:
+    """Client side of a weight-sharing algorithm (FedAvg behaviour by default).
+
+    The flow of :meth:`train`: load the personal state of the previous round, overwrite it with
+    the tensors the server sent, train with :meth:`extra_loss`, save the new personal state and
+    return the parameters of the shared groups (``experiment.algorithm.shares``).
+    """
+
+    uses_received_for_eval: ClassVar[bool] = True
+
+    def __init__(self, session: ClientSession) -> None:
+        self.session = session
+        self.hyper: Any = session.experiment.algorithm
+        self.shares: tuple[str, ...] = type(self.hyper).shares
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def extra_loss(
+        self, received: Mapping[str, Tensor], config: Mapping[str, Any]
+    ) -> Callable[[nn.Module], Tensor] | None:
+        """A regulariser added to the task loss (none for FedAvg)."""
+        return None
+
+    def after_training(
+        self,
+        model: nn.Module,
+        received: Mapping[str, Tensor],
+        extras: dict[str, dict[str, Tensor]],
+        round_: int,
+        config: Mapping[str, Any],
+    ) -> dict[str, float]:
+        """Extra work after the shared model is trained (Ditto's personal model)."""
+        return {}
+
+    def evaluation_model(
+        self, model: nn.Module, extras: Mapping[str, Mapping[str, Tensor]]
+    ) -> nn.Module:
+        """The model whose test metrics the client reports."""
+        return model
+
+    # -- message handlers --------------------------------------------------------------
+
+    def train(
+        self, round_: int, received: Mapping[str, Tensor], config: Mapping[str, Any]
+    ) -> TrainOutcome:
+        """Handle a ``train`` message."""
+        session = self.session
+        start = time.perf_counter()
+        model, extras, _ = session.load(round_ - 1)
+        if received:
+            load_tensors(model, received)
+        stats: TrainStats = train_epochs(
+            model,
+            session.batches("train", round_),
+            session.tasks,
+            session.client.training,
+            session.device,
+            extra_loss=self.extra_loss(received, config),
+        )
+        metrics: dict[str, float | int] = {
+            "num-examples": len(session.split("train")),
+            "train/loss": stats.loss,
+            "train/batches": stats.batches,
+        }
+        metrics.update({f"train/loss/{k}": v for k, v in stats.task_losses.items()})
+        metrics.update(self.after_training(model, received, extras, round_, config))
+        session.save(round_, model, extras)
+        metrics["train/seconds"] = time.perf_counter() - start
+        return TrainOutcome(arrays=shared_parameters(model, self.shares), metrics=metrics)
+
+    def evaluate(
+        self, round_: int, received: Mapping[str, Tensor]
+    ) -> tuple[dict[str, dict[str, float]], float, int]:
+        """Handle an ``evaluate`` message: personal model of ``round_`` on the test split."""
+        from fedmtl.clients.training import evaluate_model
+
+        session = self.session
+        model, extras, _ = session.load(round_)
+        if received and self.uses_received_for_eval:
+            load_tensors(model, received)
+        target = self.evaluation_model(model, extras)
+        return evaluate_model(target, session.eval_batches("test"), session.tasks, session.device)

@@ -1,0 +1,265 @@
+"""Everything one client needs for one message: its config, tasks, data, model and state."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from fedmtl.clients.state import StateStore
+from fedmtl.clients.training import Batch, resolve_device
+from fedmtl.config import ClientConfig, DatasetConfig, Experiment
+from fedmtl.data import DatasetSource, SampleSet, client_split, collate, create_dataset
+from fedmtl.messages import TensorSpec
+from fedmtl.models import MultiTaskModel, build_model
+from fedmtl.seeding import derive_seed
+from fedmtl.tasks import Task, create_task
+
+MODEL_PREFIX = "model."
+EXTRA_PREFIX = "extra."
+
+
+@functools.lru_cache(maxsize=8)
+def _dataset_source(kind: str, root: str | None, image_size: int | None, seed: int, options: str):
+    # Pure, read-only derived data: caching per process saves rebuilding it for every message
+    # (simulation actors serve many messages; deployment spawns a process per message anyway).
+    return create_dataset(kind, root, image_size=image_size, seed=seed, **json.loads(options))
+
+
+def dataset_source(cfg: DatasetConfig, seed: int, root: str | None = None) -> DatasetSource:
+    """The (cached) dataset source a ``[datasets.X]`` entry describes."""
+    options = json.dumps(cfg.options, sort_keys=True)
+    return _dataset_source(cfg.kind, root or cfg.root, cfg.image_size, seed, options)
+
+
+def build_tasks(experiment: Experiment, client: ClientConfig) -> list[Task]:
+    """Instantiate the client's tasks from its dataset's task table."""
+    from fedmtl.data import dataset_task_table
+
+    dataset = experiment.datasets[client.dataset]
+    table = dataset_task_table(dataset.kind, **dataset.options)
+    return [
+        create_task(table[name].kind, name, table[name].num_outputs, **table[name].options)
+        for name in client.tasks
+    ]
+
+
+def _reset_parameters(module: nn.Module, seed: int) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for sub in module.modules():
+            reset = getattr(sub, "reset_parameters", None)
+            if callable(reset):
+                reset()
+
+
+def init_model(experiment: Experiment, client: ClientConfig, tasks: list[Task]) -> MultiTaskModel:
+    """Build the client's model with seeds shared by equal parts across clients.
+
+    The encoder is seeded by the experiment seed and the backbone configuration, each decoder
+    and head by the seed, dataset, task and backbone, the projector by the seed and backbone.
+    Clients with equal architectures therefore start from equal weights, as if the server had
+    broadcast an initial model, and the Local baseline starts where federated runs start.
+    """
+    model_cfg = client.model
+    arch = json.dumps([model_cfg.backbone, model_cfg.kwargs], sort_keys=True)
+    projector_dim = None
+    hyper = experiment.algorithm
+    if hasattr(hyper, "projector_dim"):
+        projector_dim = int(hyper.projector_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(experiment.seed, "encoder", arch))
+        model = build_model(
+            model_cfg.backbone,
+            tasks,
+            backbone_kwargs=model_cfg.kwargs,
+            pretrained=model_cfg.pretrained,
+            decoder_channels=model_cfg.decoder_channels,
+            decoder_hidden=model_cfg.decoder_hidden,
+            projector_dim=projector_dim,
+        )
+    for task in tasks:
+        seed = derive_seed(experiment.seed, "decoder", client.dataset, task.name, arch)
+        _reset_parameters(model.decoders[task.name], seed)
+        _reset_parameters(model.heads[task.name], seed + 1)
+    if model.projector is not None:
+        _reset_parameters(model.projector, derive_seed(experiment.seed, "projector", arch))
+    return model
+
+
+class ClientSession:
+    """One client's view of the experiment, rebuilt for every message (no globals per node).
+
+    Parameters
+    ----------
+    experiment : Experiment
+        The resolved experiment (sent by the server in every message).
+    client_id : str
+        Which client of the experiment this node is.
+    state_dir : path
+        Node-local directory for personal state.
+    data_root : str, optional
+        Overrides the dataset root (a SuperNode's ``data-dir``).
+    """
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        client_id: str,
+        state_dir: str | Path,
+        data_root: str | None = None,
+    ) -> None:
+        self.experiment = experiment
+        self.client = experiment.client(client_id)
+        self.client_id = client_id
+        self.index = experiment.client_index(client_id)
+        self.tasks = build_tasks(experiment, self.client)
+        self.device = resolve_device(experiment.device)
+        self.state = StateStore(state_dir)
+        self.data_root = data_root
+        self._splits: dict[str, SampleSet] = {}
+
+    # -- data -------------------------------------------------------------------------
+
+    def split(self, name: str) -> SampleSet:
+        """The client's partition of the ``train`` or ``test`` split."""
+        if name not in self._splits:
+            exp, client = self.experiment, self.client
+            dataset = exp.datasets[client.dataset]
+            source = dataset_source(dataset, exp.seed, self.data_root)
+            members = exp.dataset_members(client.dataset)
+            sizes = None
+            if dataset.partition.scheme == "sizes":
+                sizes = [exp.client(m).samples or 0 for m in members]
+            part = client_split(
+                source,
+                name,
+                partition_index=members.index(self.client_id),
+                num_partitions=len(members),
+                scheme=dataset.partition.scheme if name == "train" else "iid",
+                alpha=dataset.partition.alpha,
+                sizes=sizes if name == "train" else None,
+                seed=exp.seed,
+            )
+            part = part.with_tasks(client.tasks)  # read only this client's targets
+            cap = client.samples if name == "train" else client.test_samples
+            if cap and not (name == "train" and dataset.partition.scheme == "sizes"):
+                part = part.subset(list(range(min(cap, len(part)))))
+            self._splits[name] = part
+        return self._splits[name]
+
+    def batches(self, split: str, round_: int, purpose: str = "train") -> Any:
+        """``batches(epoch)`` for training: a seeded shuffle per (client, round, epoch)."""
+        dataset = self.split(split)
+        batch_size = self.client.training.batch_size
+
+        def make(epoch: int) -> Iterator[Batch]:
+            generator = torch.Generator()
+            generator.manual_seed(
+                derive_seed(self.experiment.seed, self.client_id, round_, epoch, purpose)
+            )
+            loader = DataLoader(
+                dataset,
+                batch_size=batch_size,
+                shuffle=True,
+                generator=generator,
+                collate_fn=collate,
+                drop_last=len(dataset) > batch_size,
+            )
+            return iter(loader)
+
+        return make
+
+    def eval_batches(self, split: str = "test") -> DataLoader[Any]:
+        """Unshuffled batches of a split for evaluation."""
+        return DataLoader(
+            self.split(split),
+            batch_size=max(self.client.training.batch_size, 64),
+            shuffle=False,
+            collate_fn=collate,
+        )
+
+    # -- model and state ----------------------------------------------------------------
+
+    def new_model(self) -> MultiTaskModel:
+        """A freshly initialised model (see :func:`init_model`), on the client's device."""
+        return init_model(self.experiment, self.client, self.tasks).to(self.device)
+
+    def load(self, round_: int) -> tuple[MultiTaskModel, dict[str, dict[str, Tensor]], int | None]:
+        """The model and extras as of the newest saved round not after ``round_``.
+
+        Returns
+        -------
+        model, extras, loaded_round
+            ``extras`` maps an extra's name (e.g. Ditto's ``personal``) to its tensors;
+            ``loaded_round`` is ``None`` for a fresh client.
+        """
+        model = self.new_model()
+        found = self.state.latest_at_most(round_)
+        extras: dict[str, dict[str, Tensor]] = {}
+        if found is None:
+            return model, extras, None
+        loaded = self.state.load(found)
+        assert loaded is not None
+        tensors, _ = loaded
+        own = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+        model.load_state_dict(own)
+        for key, value in tensors.items():
+            if key.startswith(EXTRA_PREFIX):
+                name, _, sub = key[len(EXTRA_PREFIX) :].partition("/")
+                extras.setdefault(name, {})[sub] = value
+        return model, extras, found
+
+    def save(
+        self,
+        round_: int,
+        model: nn.Module,
+        extras: Mapping[str, Mapping[str, Tensor]] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Persist the model and extras as the state produced by ``round_``."""
+        tensors = {MODEL_PREFIX + k: v for k, v in model.state_dict().items()}
+        for name, group in (extras or {}).items():
+            tensors.update({f"{EXTRA_PREFIX}{name}/{k}": v for k, v in group.items()})
+        self.state.save(round_, tensors, meta)
+
+
+def shared_parameters(model: nn.Module, groups: tuple[str, ...]) -> dict[str, Tensor]:
+    """Trainable parameters (never buffers) whose names fall in the parameter ``groups``.
+
+    ``groups`` are DESIGN.md group prefixes: ``encoder``, ``decoders``, ``heads``,
+    ``projector``; ``decoders`` covers every ``decoders.<task>.``.
+    """
+    prefixes = tuple(g + "." for g in groups)
+    return {
+        name: param.detach()
+        for name, param in model.named_parameters()
+        if name.startswith(prefixes) and param.requires_grad
+    }
+
+
+def shared_specs(model: nn.Module, groups: tuple[str, ...]) -> dict[str, TensorSpec]:
+    """Specs of :func:`shared_parameters` (announced to the server in ``describe``)."""
+    return {k: TensorSpec.of(v) for k, v in shared_parameters(model, groups).items()}
+
+
+def load_tensors(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """Overwrite named parameters/buffers of ``model`` in place, refusing unknown names."""
+    own = model.state_dict()
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise KeyError(f"received tensors the model does not have: {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if own[name].shape != value.shape:
+                raise ValueError(
+                    f"received {name} with shape {tuple(value.shape)}, "
+                    f"model has {tuple(own[name].shape)}"
+                )
+            own[name].copy_(value.to(own[name].device, own[name].dtype))

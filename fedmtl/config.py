@@ -1,0 +1,438 @@
+"""Experiment file (TOML) schema: pydantic models whose errors name the offending field."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Backbone names fedmtl builds (timm names plus the transformers families). Kept here so the
+# experiment file is validated without importing torch; models/ enforces the same list.
+TEXT_BACKBONES = ("bert", "distilbert")
+IMAGE_BACKBONE_PREFIXES = ("vit_", "swin_", "resnet")
+
+
+class ConfigError(ValueError):
+    """An invalid experiment file; the message names the field (``clients[2].model.backbone``)."""
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- algorithms
+
+
+class LocalConfig(Strict):
+    """Local training only: nothing is exchanged (the Δ% reference)."""
+
+    name: Literal["local"] = "local"
+    shares: ClassVar[tuple[str, ...]] = ()
+
+
+class FedAvgConfig(Strict):
+    """FedAvg for heterogeneous clients (encoders by architecture, decoders by task)."""
+
+    name: Literal["fedavg"] = "fedavg"
+    shares: ClassVar[tuple[str, ...]] = ("encoder", "decoders")
+
+
+class FedProxConfig(Strict):
+    """FedAvg plus the proximal term (mu/2)·‖w − w_global‖² on the shared tensors."""
+
+    name: Literal["fedprox"] = "fedprox"
+    shares: ClassVar[tuple[str, ...]] = ("encoder", "decoders")
+    mu: float = Field(0.01, ge=0)
+
+
+class FedPerConfig(Strict):
+    """Share the encoder only; decoders and heads stay personal."""
+
+    name: Literal["fedper"] = "fedper"
+    shares: ClassVar[tuple[str, ...]] = ("encoder",)
+
+
+class DittoConfig(Strict):
+    """FedAvg global model plus a personal model pulled toward it by (lam/2)·‖v − w‖²."""
+
+    name: Literal["ditto"] = "ditto"
+    shares: ClassVar[tuple[str, ...]] = ("encoder", "decoders")
+    lam: float = Field(0.1, ge=0)
+    personal_epochs: int = Field(1, ge=1)
+
+
+class MFedConfig(Strict):
+    """M-Fed: FedAvg inside task groups, encoder-only average across groups, and the pull
+    ``λ_r·‖w_enc − g‖²`` toward the global encoder (spec/mfed.md).
+    """
+
+    name: Literal["mfed"] = "mfed"
+    shares: ClassVar[tuple[str, ...]] = ("encoder", "decoders", "heads")
+    lambda_schedule: Literal["exponential", "constant"] = "exponential"
+    lambda_0: float = Field(1e-3, ge=0)
+    growth: float = Field(1.2, gt=0)
+    lambda_max: float = Field(1.0, ge=0)
+    lambda_constant: float = Field(0.01, ge=0)
+    threshold: float | None = Field(None, gt=0)  # negative-transfer switch (relative drop)
+    patience: int = Field(1, ge=1)
+    intra_task_weighting: Literal["data", "uniform"] = "data"
+    inter_task_weighting: Literal["uniform", "data"] = "uniform"
+    keep_local_encoder: bool = False
+
+
+class FedHCA2Config(Strict):
+    """FedHCA2: conflict-averse encoders, cross-attention decoders, learned hyper weights
+    (spec/fedhca2.md).
+    """
+
+    name: Literal["fedhca2"] = "fedhca2"
+    shares: ClassVar[tuple[str, ...]] = ("encoder", "decoders")
+    ca_c: float = Field(0.4, ge=0)
+    rescale: Literal[0, 1, 2] = 1
+    hyper_lr: float = Field(0.01, gt=0)
+    hyper_momentum: float = Field(0.9, ge=0, lt=1)
+    hyper_weight_decay: float = Field(1e-4, ge=0)
+    alpha_init: float = Field(0.1, ge=0, le=1)
+    beta_init: float = Field(0.1, ge=0, le=1)
+
+
+class FedMuscleConfig(Strict):
+    """FedMuscle: representations of a shared public dataset, contrastive targets from M peers,
+    the Muscle loss (spec/fedmuscle.md). No weights leave a client.
+    """
+
+    name: Literal["fedmuscle"] = "fedmuscle"
+    shares: ClassVar[tuple[str, ...]] = ()
+    projector_dim: int = Field(128, ge=2)
+    num_peers: int = Field(2, ge=1)
+    tau: float = Field(0.2, gt=0)
+    tau_prev: float = Field(0.15, gt=0)
+    loss: Literal["muscle", "infonce", "gram"] = "muscle"
+    protocol: Literal["peers", "targets", "gradient"] = "peers"
+    schedule: Literal["batch", "epoch"] = "epoch"
+    contrastive_epochs: int = Field(1, ge=1)
+    contrastive_lr: float | None = Field(None, gt=0)
+
+
+AlgorithmConfig = Annotated[
+    LocalConfig
+    | FedAvgConfig
+    | FedProxConfig
+    | FedPerConfig
+    | DittoConfig
+    | MFedConfig
+    | FedHCA2Config
+    | FedMuscleConfig,
+    Field(discriminator="name"),
+]
+ALGORITHM_NAMES = (
+    "local", "fedavg", "fedprox", "fedper", "ditto", "mfed", "fedhca2", "fedmuscle"
+)
+
+
+# --------------------------------------------------------------------------- data and models
+
+
+class PartitionConfig(Strict):
+    """How a dataset's train split is divided among the clients that use it."""
+
+    scheme: Literal["iid", "dirichlet", "sizes"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    min_size: int = Field(8, ge=1)
+
+
+class DatasetConfig(Strict):
+    """A dataset the federation uses (``[datasets.<name>]``)."""
+
+    kind: str
+    root: str | None = None
+    image_size: int | None = Field(None, ge=8)
+    partition: PartitionConfig = PartitionConfig()
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(Strict):
+    """A client's network: backbone (timm name or bert/distilbert) plus decoders per task."""
+
+    backbone: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: str | None = None
+    decoder_channels: int = Field(64, ge=1)
+    decoder_hidden: int = Field(128, ge=1)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if value in TEXT_BACKBONES or value.startswith(IMAGE_BACKBONE_PREFIXES):
+            return value
+        raise ValueError(
+            f"unknown backbone {value!r}; use a timm ViT/Swin/ResNet name "
+            f"(e.g. 'vit_tiny_patch16_224', 'swin_tiny_patch4_window7_224', 'resnet50') "
+            f"or one of {TEXT_BACKBONES}"
+        )
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_exists(cls, value: str | None) -> str | None:
+        if value is None or value == "hub":
+            return value
+        if not Path(value).expanduser().exists():
+            raise ValueError(f"pretrained weights path does not exist: {value}")
+        return value
+
+
+class TrainingConfig(Strict):
+    """Local-training settings; ``[defaults]`` fills what a client leaves out."""
+
+    local_epochs: int = Field(1, ge=0)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(5.0, gt=0)
+    max_batches: int | None = Field(None, ge=1)
+
+
+class ClientConfig(Strict):
+    """One client of the federation (``[[clients]]``)."""
+
+    client_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    dataset: str
+    tasks: list[str] = Field(min_length=1)
+    model: ModelConfig
+    samples: int | None = Field(None, ge=1)  # train examples (cap, or the size under "sizes")
+    test_samples: int | None = Field(None, ge=1)  # cap on the local test split
+    training: TrainingConfig
+
+
+class PublicDatasetConfig(Strict):
+    """The public dataset FedMuscle clients represent (``[public]``)."""
+
+    dataset: str
+    size: int = Field(256, ge=1)
+    batch_size: int = Field(32, ge=2)
+
+
+class SimulationConfig(Strict):
+    """Flower simulation-engine resources per client."""
+
+    num_cpus_per_client: int = Field(1, ge=1)
+    num_gpus_per_client: float = Field(0.0, ge=0)
+
+
+class Experiment(Strict):
+    """The whole experiment file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    seed: int = 0
+    rounds: int = Field(3, ge=1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+    output_dir: str = "runs"
+    evaluate_every: int = Field(1, ge=1)
+    clients_per_round: int | None = Field(None, ge=1)
+    round_timeout: float = Field(600.0, gt=0)
+    algorithm: AlgorithmConfig = FedAvgConfig()
+    # Per-algorithm hyper-parameters used when --algorithm / compare selects that algorithm.
+    hyperparameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    simulation: SimulationConfig = SimulationConfig()
+    public: PublicDatasetConfig | None = None
+    datasets: dict[str, DatasetConfig]
+    clients: list[ClientConfig] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_defaults(cls, data: Any) -> Any:
+        """Merge ``[defaults]`` into every client's ``training`` section."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        defaults = data.pop("defaults", {}) or {}
+        if not isinstance(defaults, dict):
+            raise ValueError("[defaults] must be a table")
+        clients = data.get("clients")
+        if isinstance(clients, list):
+            merged = []
+            for client in clients:
+                if isinstance(client, dict):
+                    client = dict(client)
+                    own = client.get("training", {})
+                    if not isinstance(own, dict):
+                        raise ValueError("clients[].training must be a table")
+                    client["training"] = {**defaults, **own}
+                merged.append(client)
+            data["clients"] = merged
+        return data
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Experiment:
+        ids = [c.client_id for c in self.clients]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"clients: duplicate client_id {dupes}")
+        if self.clients_per_round is not None and self.clients_per_round > len(self.clients):
+            raise ValueError(
+                f"clients_per_round={self.clients_per_round} exceeds the {len(self.clients)} clients"
+            )
+        for i, client in enumerate(self.clients):
+            if client.dataset not in self.datasets:
+                raise ValueError(
+                    f"clients[{i}].dataset: {client.dataset!r} is not declared under [datasets] "
+                    f"(declared: {sorted(self.datasets)})"
+                )
+            if len(set(client.tasks)) != len(client.tasks):
+                raise ValueError(f"clients[{i}].tasks: duplicate task in {client.tasks}")
+        unknown = sorted(set(self.hyperparameters) - set(ALGORITHM_NAMES))
+        if unknown:
+            raise ValueError(f"hyperparameters: unknown algorithm {unknown}")
+        if self.public is not None and self.public.dataset not in self.datasets:
+            raise ValueError(f"public.dataset: {self.public.dataset!r} is not declared")
+        if self.algorithm.name == "fedmuscle" and self.public is None:
+            raise ValueError("public: fedmuscle needs a [public] dataset section")
+        return self
+
+    # -- convenience -------------------------------------------------------------------
+
+    def client(self, client_id: str) -> ClientConfig:
+        """The client named ``client_id``."""
+        for client in self.clients:
+            if client.client_id == client_id:
+                return client
+        raise KeyError(f"no client {client_id!r} in experiment {self.name!r}")
+
+    def client_index(self, client_id: str) -> int:
+        """Position of ``client_id`` in the file (its simulation partition-id)."""
+        return [c.client_id for c in self.clients].index(client_id)
+
+    def dataset_members(self, dataset: str) -> list[str]:
+        """Client ids that draw from ``dataset``, in file order (their partition order)."""
+        return [c.client_id for c in self.clients if c.dataset == dataset]
+
+    def iter_tasks(self) -> Iterator[tuple[str, str]]:
+        """Yield ``(client_id, task)`` for every task of every client."""
+        for client in self.clients:
+            for task in client.tasks:
+                yield client.client_id, task
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not out:
+            out = str(part)
+        else:
+            # pydantic puts the discriminator value in the path ("algorithm.fedprox.mu")
+            out += f".{part}"
+    return out or "<root>"
+
+
+def parse_experiment(data: dict[str, Any], *, check_data: bool = True) -> Experiment:
+    """Validate a parsed experiment mapping.
+
+    Parameters
+    ----------
+    data : dict
+        The TOML document as a mapping.
+    check_data : bool
+        Also check dataset kinds, task names against each dataset's task table, task/backbone
+        modality, dataset roots on disk and the public dataset (needs ``fedmtl.data``).
+
+    Raises
+    ------
+    ConfigError
+        Naming the offending field, e.g. ``clients[1].tasks: unknown task 'dpeth'``.
+    """
+    try:
+        experiment = Experiment.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"{_format_location(err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        ]
+        raise ConfigError("invalid experiment file:\n  " + "\n  ".join(lines)) from None
+    if check_data:
+        _check_data(experiment)
+    return experiment
+
+
+def _check_data(experiment: Experiment) -> None:
+    from fedmtl.data import DATASET_REGISTRY, dataset_task_table
+
+    for name, dataset in experiment.datasets.items():
+        field = f"datasets.{name}"
+        if dataset.kind not in DATASET_REGISTRY:
+            raise ConfigError(
+                f"{field}.kind: unknown dataset kind {dataset.kind!r}; "
+                f"known: {sorted(DATASET_REGISTRY)}"
+            )
+        cls = DATASET_REGISTRY[dataset.kind]
+        if cls.requires_root and dataset.root is None:
+            raise ConfigError(f"{field}.root: dataset kind {dataset.kind!r} needs a root path")
+        if dataset.root is not None and not Path(dataset.root).expanduser().exists():
+            raise ConfigError(f"{field}.root: path does not exist: {dataset.root}")
+    for i, client in enumerate(experiment.clients):
+        dataset = experiment.datasets[client.dataset]
+        table = dataset_task_table(dataset.kind, **dataset.options)
+        for task in client.tasks:
+            if task not in table:
+                raise ConfigError(
+                    f"clients[{i}].tasks: unknown task {task!r} for dataset {client.dataset!r} "
+                    f"(kind {dataset.kind!r}; it offers {sorted(table)})"
+                )
+        text_model = client.model.backbone in TEXT_BACKBONES
+        modality = DATASET_REGISTRY[dataset.kind].modality
+        if text_model != (modality == "text"):
+            raise ConfigError(
+                f"clients[{i}].model.backbone: {client.model.backbone!r} cannot read the "
+                f"{modality} inputs of dataset {client.dataset!r}"
+            )
+    partitions: dict[str, list[ClientConfig]] = {}
+    for client in experiment.clients:
+        partitions.setdefault(client.dataset, []).append(client)
+    for name, members in partitions.items():
+        scheme = experiment.datasets[name].partition.scheme
+        sized = [c.samples is not None for c in members]
+        if scheme == "sizes" and not all(sized):
+            missing = [c.client_id for c in members if c.samples is None]
+            raise ConfigError(
+                f"datasets.{name}.partition.scheme: 'sizes' needs clients[].samples for {missing}"
+            )
+
+
+def load_experiment(path: str | Path, *, check_data: bool = True) -> Experiment:
+    """Read and validate an experiment file.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not valid TOML, or fails validation; the message names the
+        file and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return parse_experiment(data, check_data=check_data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def experiment_to_json(experiment: Experiment) -> str:
+    """Serialise the resolved experiment (sent to clients, saved beside results)."""
+    return experiment.model_dump_json()
+
+
+def experiment_from_json(text: str) -> Experiment:
+    """Inverse of :func:`experiment_to_json` (no data checks: clients check their own data)."""
+    return Experiment.model_validate_json(text)

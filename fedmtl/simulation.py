@@ -1,0 +1,89 @@
+"""Run an experiment through Flower's simulation engine (Ray) in this process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any
+
+from fedmtl.config import Experiment
+from fedmtl.results import RunDirectory
+from fedmtl.strategies.loop import Observer
+
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+}
+
+
+def backend_config(experiment: Experiment) -> dict[str, Any]:
+    """Ray resources: ``num_cpus_per_client`` and ``num_gpus_per_client`` per virtual node.
+
+    Raises
+    ------
+    RuntimeError
+        If GPUs per client are requested but no CUDA device is visible (Flower would otherwise
+        fail later with "ActorPool is empty").
+    """
+    sim = experiment.simulation
+    cpus = os.cpu_count() or 1
+    if sim.num_cpus_per_client > cpus:
+        raise RuntimeError(
+            f"simulation.num_cpus_per_client={sim.num_cpus_per_client} exceeds the {cpus} CPUs "
+            "of this machine: no client could be scheduled"
+        )
+    init_args: dict[str, Any] = {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True}
+    if sim.num_gpus_per_client > 0:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise RuntimeError(
+                f"simulation.num_gpus_per_client={sim.num_gpus_per_client} but no CUDA device "
+                "is visible; set it to 0 to run on CPU"
+            )
+        init_args["num_gpus"] = gpus
+    return {
+        "client_resources": {
+            "num_cpus": sim.num_cpus_per_client,
+            "num_gpus": sim.num_gpus_per_client,
+        },
+        "init_args": init_args,
+    }
+
+
+def simulate(
+    experiment: Experiment,
+    run_dir: RunDirectory,
+    *,
+    resume: bool = False,
+    observer: Observer | None = None,
+) -> RunDirectory:
+    """Run (or resume) ``experiment`` with one simulated SuperNode per client."""
+    for key, value in FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
+    config = backend_config(experiment)
+    from flwr.simulation import run_simulation
+
+    from fedmtl.client_app import app as client_app
+    from fedmtl.server_app import make_server_app
+
+    server_app = make_server_app(experiment, run_dir, resume=resume, observer=observer)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=len(experiment.clients),
+            backend_config=config,
+        )
+    if run_dir.read_summary() is None:
+        raise RuntimeError(
+            f"the simulation ended without a summary; see the log above. Run folder: {run_dir.path}"
+        )
+    return run_dir

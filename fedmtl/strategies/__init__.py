@@ -1,0 +1,7 @@
+"""Server-side round loops, one module per algorithm, on a shared base loop."""
+
+from fedmtl.strategies import baselines  # noqa: F401  (registers the baseline strategies)
+from fedmtl.strategies.base import STRATEGIES, ClientInfo, Reply, Strategy, create_strategy
+from fedmtl.strategies.loop import FederatedLoop
+
+__all__ = ["STRATEGIES", "ClientInfo", "FederatedLoop", "Reply", "Strategy", "create_strategy"]

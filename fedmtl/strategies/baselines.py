@@ -1,0 +1,92 @@
+"""Baselines: Local, and FedAvg adapted to heterogeneous clients (plus FedProx, FedPer, Ditto).
+
+Heterogeneous FedAvg: a parameter group (``encoder``, ``decoders.<task>``) is averaged among the
+clients whose tensors of that group have the same names, shapes and dtypes — encoders among
+equal architectures, decoders among clients of the same dataset task whose decoders match.
+Heads, buffers and groups outside ``shares`` stay personal. FedProx and Ditto differ only on the
+client; FedPer shares the encoder only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from fedmtl.aggregation.fedavg import weighted_average
+from fedmtl.strategies.base import ClientInfo, Reply, Strategy, register_strategy
+from fedmtl.strategies.loop import checkpoint_tensors, split_checkpoint
+
+
+@register_strategy("local")
+class Local(Strategy):
+    """No exchange at all: every client trains on its own data (the Δ% reference)."""
+
+
+class GroupAveraging(Strategy):
+    """Averages every shared group among the clients that hold an identical copy of it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.global_groups: dict[str, dict[str, Tensor]] = {}  # group key → averaged tensors
+
+    def train_arrays(self, round_: int, client: ClientInfo) -> dict[str, Tensor]:
+        """The client's groups as averaged in the previous round (none in round 1)."""
+        out: dict[str, Tensor] = {}
+        for group in client.group_specs(self.shares):
+            out.update(self.global_groups.get(client.group_key(group), {}))
+        return out
+
+    def aggregate(
+        self, round_: int, replies: Mapping[str, Reply], clients: Mapping[str, ClientInfo]
+    ) -> dict[str, float]:
+        """Weighted (by training examples) average per group key among repliers."""
+        members: dict[str, list[tuple[dict[str, Tensor], float]]] = {}
+        for client_id, reply in replies.items():
+            info = clients[client_id]
+            weight = float(reply.metrics["num-examples"])
+            for group, specs in info.group_specs(self.shares).items():
+                tensors = {name: reply.arrays[name] for name in specs}
+                members.setdefault(info.group_key(group), []).append((tensors, weight))
+        for key, entries in members.items():
+            # A group held by a single client is still stored: it is that client's shared state
+            # if it misses a later round while peers join with the same architecture.
+            self.global_groups[key] = weighted_average([t for t, _ in entries],
+                                                       [w for _, w in entries])
+        return {"groups": float(len(members))}
+
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Every group average, namespaced by group key."""
+        tensors: dict[str, Tensor] = {}
+        for index, (key, group) in enumerate(sorted(self.global_groups.items())):
+            tensors.update(checkpoint_tensors(f"g{index}", group))
+        keys = [key for key, _ in sorted(self.global_groups.items())]
+        return tensors, {"group_keys": keys}
+
+    def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore the group averages."""
+        parts = split_checkpoint(tensors)
+        self.global_groups = {
+            key: parts.get(f"g{index}", {}) for index, key in enumerate(meta.get("group_keys", []))
+        }
+
+
+@register_strategy("fedavg")
+class FedAvg(GroupAveraging):
+    """FedAvg over encoders (by architecture) and decoders (by task)."""
+
+
+@register_strategy("fedprox")
+class FedProx(GroupAveraging):
+    """FedAvg on the server; clients add the proximal term."""
+
+
+@register_strategy("fedper")
+class FedPer(GroupAveraging):
+    """FedAvg over encoders only; decoders and heads are personal."""
+
+
+@register_strategy("ditto")
+class Ditto(GroupAveraging):
+    """FedAvg of the global model; each client also keeps a regularised personal model."""

@@ -1,0 +1,358 @@
+"""The round loop over Flower's Grid that every strategy reuses.
+
+Discovery (``query.describe``), client selection, one message per client with its own content,
+reply validation (a bad or missing reply is logged and left out, never a crash), evaluation,
+metrics.jsonl, per-round checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+from torch import Tensor
+
+from fedmtl.config import Experiment, experiment_to_json
+from fedmtl.messages import (
+    ARRAYS,
+    CLIENT,
+    CLIENT_ID,
+    DESCRIBE,
+    EVALUATE,
+    EXPERIMENT,
+    METRICS,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    STATE_ROOT,
+    TRAIN,
+    ReplyError,
+    content_bytes,
+    from_array_record,
+    make_content,
+    specs_from_json,
+    validate_metrics,
+    validate_tensors,
+)
+from fedmtl.results import RunDirectory
+from fedmtl.seeding import derive_seed
+from fedmtl.strategies.base import ClientInfo, Reply, Strategy
+
+log = logging.getLogger("fedmtl.server")
+
+Validator = Callable[[ClientInfo, Reply], None]
+
+
+class Observer(Protocol):
+    """Progress callbacks (the CLI shows them with rich; the default logs them)."""
+
+    def on_start(self, experiment: Experiment, first_round: int) -> None: ...
+    def on_phase(self, round_: int, phase: str, done: int, total: int) -> None: ...
+    def on_round_end(self, round_: int, rows: list[dict[str, Any]]) -> None: ...
+
+
+class LogObserver:
+    """Reports progress through the ``fedmtl.server`` logger."""
+
+    def on_start(self, experiment: Experiment, first_round: int) -> None:
+        """Log the start."""
+        log.info("[%s] %s from round %d of %d", experiment.name, experiment.algorithm.name,
+                 first_round, experiment.rounds)
+
+    def on_phase(self, round_: int, phase: str, done: int, total: int) -> None:
+        """Log a finished phase."""
+        log.info("[ROUND %d] %s: %d/%d replies", round_, phase, done, total)
+
+    def on_round_end(self, round_: int, rows: list[dict[str, Any]]) -> None:
+        """Log the end of a round."""
+        log.info("[ROUND %d] done (%d clients)", round_, len(rows))
+
+
+class FederatedLoop:
+    """Run an experiment's rounds over a Grid with one strategy.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+        The simulation, deployment or test grid.
+    experiment : Experiment
+        The resolved experiment.
+    strategy : Strategy
+        The algorithm's server side.
+    run_dir : RunDirectory
+        Where metrics, checkpoints and the summary go.
+    observer : Observer, optional
+        Progress reporting.
+    state_root : str, optional
+        Personal-state root sent to clients whose node config has no ``state-dir``
+        (simulation: ``<run>/clients``).
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        experiment: Experiment,
+        strategy: Strategy,
+        run_dir: RunDirectory,
+        *,
+        observer: Observer | None = None,
+        state_root: str | None = None,
+    ) -> None:
+        self.grid = grid
+        self.experiment = experiment
+        self.strategy = strategy
+        self.run_dir = run_dir
+        self.observer: Observer = observer or LogObserver()
+        self.state_root = state_root if state_root is not None else str(run_dir.clients_dir)
+        self.clients: dict[str, ClientInfo] = {}
+        self._experiment_json = experiment_to_json(experiment)
+        self._rows: dict[str, dict[str, Any]] = {}
+
+    # -- messaging ---------------------------------------------------------------------
+
+    def base_config(self, round_: int, client_id: str | None = None) -> dict[str, Any]:
+        """Config every message carries."""
+        config: dict[str, Any] = {
+            EXPERIMENT: self._experiment_json,
+            SERVER_ROUND: round_,
+            STATE_ROOT: self.state_root,
+        }
+        if client_id is not None:
+            config[CLIENT_ID] = client_id
+        return config
+
+    def exchange(
+        self,
+        round_: int,
+        phase: str,
+        message_type: str,
+        contents: Mapping[str, RecordDict],
+        validate: Validator | None = None,
+    ) -> dict[str, Reply]:
+        """Send one message per client and return the good replies by client id.
+
+        Failures (error replies, timeouts, wrong identity, failed validation) are logged,
+        recorded in the client's metrics row and left out.
+        """
+        sent: dict[str, str] = {}  # message id → client id
+        messages = []
+        for client_id, content in contents.items():
+            node = self.clients[client_id].node_id
+            messages.append(Message(content, dst_node_id=node, message_type=message_type))
+            self._row(round_, client_id)["bytes_down"] = (
+                self._row(round_, client_id).get("bytes_down", 0) + content_bytes(content)
+            )
+        start = time.perf_counter()
+        replies = list(self.grid.send_and_receive(messages, timeout=self.experiment.round_timeout))
+        for message in messages:
+            sent[message.metadata.message_id] = self._client_of_node(message.metadata.dst_node_id)
+        good: dict[str, Reply] = {}
+        for reply in replies:
+            client_id = sent.get(reply.metadata.reply_to_message_id)
+            if client_id is None:
+                continue
+            try:
+                parsed = self._parse(reply, client_id)
+                if validate is not None:
+                    validate(self.clients[client_id], parsed)
+            except ReplyError as exc:
+                self._fail(round_, client_id, phase, str(exc))
+                continue
+            row = self._row(round_, client_id)
+            row["bytes_up"] = row.get("bytes_up", 0) + content_bytes(reply.content)
+            good[client_id] = parsed
+        for client_id in contents:
+            if client_id not in good and "error" not in self._row(round_, client_id):
+                self._fail(round_, client_id, phase, "no reply before the round timeout")
+        self._row_phase_seconds(round_, contents, phase, time.perf_counter() - start)
+        self.observer.on_phase(round_, phase, len(good), len(contents))
+        return good
+
+    def _client_of_node(self, node_id: int) -> str:
+        for info in self.clients.values():
+            if info.node_id == node_id:
+                return info.client_id
+        raise KeyError(node_id)
+
+    def _parse(self, reply: Message, client_id: str) -> Reply:
+        if reply.has_error():
+            error = reply.error
+            raise ReplyError(f"client {client_id!r}: error {error.code}: {error.reason}")
+        content = reply.content
+        if CLIENT not in content.config_records or METRICS not in content.metric_records:
+            raise ReplyError(f"client {client_id!r}: reply lacks client or metrics records")
+        info = dict(content.config_records[CLIENT])
+        if info.get(CLIENT_ID) != client_id:
+            raise ReplyError(f"reply from {info.get(CLIENT_ID)!r} where {client_id!r} was asked")
+        metrics = dict(content.metric_records[METRICS])
+        validate_metrics(metrics, client_id=client_id)
+        arrays = (
+            from_array_record(content.array_records[ARRAYS])
+            if ARRAYS in content.array_records
+            else {}
+        )
+        records = {
+            key: from_array_record(record)
+            for key, record in content.array_records.items()
+            if key != ARRAYS
+        }
+        return Reply(client_id, metrics, arrays, records, info)
+
+    def _fail(self, round_: int, client_id: str, phase: str, reason: str) -> None:
+        log.warning("[ROUND %d] %s: %s left out: %s", round_, phase, client_id, reason)
+        row = self._row(round_, client_id)
+        row["status"] = "failed"
+        row["error"] = f"{phase}: {reason}"
+
+    def _row(self, round_: int, client_id: str) -> dict[str, Any]:
+        return self._rows.setdefault(client_id, {"round": round_, "client_id": client_id})
+
+    def _row_phase_seconds(
+        self, round_: int, clients: Mapping[str, Any], phase: str, seconds: float
+    ) -> None:
+        for client_id in clients:
+            self._row(round_, client_id)[f"seconds/{phase}"] = round(seconds, 4)
+
+    def record_server(self, round_: int, metrics: Mapping[str, float]) -> None:
+        """Attach server-side metrics of ``round_`` to every row of the round."""
+        for row in self._rows.values():
+            row.update({f"server/{k}": v for k, v in metrics.items()})
+
+    # -- discovery and selection ------------------------------------------------------
+
+    def discover(self, round_: int) -> None:
+        """Ask nodes the server does not know yet who they are (``query.describe``)."""
+        online = set(self.grid.get_node_ids())
+        known = {info.node_id for info in self.clients.values()}
+        for client_id in [c for c, info in self.clients.items() if info.node_id not in online]:
+            del self.clients[client_id]  # a node that left; it is re-learnt if it comes back
+        unknown = sorted(online - known)
+        if not unknown:
+            return
+        messages = [
+            Message(
+                make_content(self.base_config(round_)),
+                dst_node_id=node,
+                message_type=DESCRIBE,
+            )
+            for node in unknown
+        ]
+        for reply in self.grid.send_and_receive(messages, timeout=self.experiment.round_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %d did not describe itself: %s", node, reply.error.reason)
+                continue
+            info = dict(reply.content.config_records[CLIENT])
+            metrics = dict(reply.content.metric_records[METRICS])
+            client_id = str(info[CLIENT_ID])
+            self.clients[client_id] = ClientInfo(
+                client_id=client_id,
+                node_id=node,
+                dataset=str(info["dataset"]),
+                tasks=list(json.loads(str(info["tasks"]))),
+                num_train=int(metrics[NUM_EXAMPLES]),
+                num_test=int(metrics["num-test"]),
+                specs=specs_from_json(str(info["specs"])),
+            )
+        missing = [c.client_id for c in self.experiment.clients if c.client_id not in self.clients]
+        if missing:
+            log.warning("clients not online: %s", missing)
+
+    def select(self, round_: int) -> list[ClientInfo]:
+        """This round's participants: all online clients, or a seeded sample of them."""
+        online = [self.clients[c.client_id] for c in self.experiment.clients
+                  if c.client_id in self.clients]
+        k = self.experiment.clients_per_round
+        if k is None or k >= len(online):
+            return online
+        rng = random.Random(derive_seed(self.experiment.seed, "select", round_))
+        chosen = set(rng.sample([c.client_id for c in online], k))
+        return [c for c in online if c.client_id in chosen]
+
+    # -- phases -----------------------------------------------------------------------
+
+    def train_phase(self, round_: int, clients: list[ClientInfo]) -> dict[str, Reply]:
+        """Send ``train`` with each client's own tensors; validate and return good replies."""
+        strategy = self.strategy
+        contents = {
+            c.client_id: make_content(
+                {**self.base_config(round_, c.client_id), **strategy.train_config(round_, c)},
+                strategy.train_arrays(round_, c),
+            )
+            for c in clients
+        }
+
+        def validate(client: ClientInfo, reply: Reply) -> None:
+            validate_tensors(reply.arrays, strategy.expected_reply(client),
+                             client_id=client.client_id)
+
+        replies = self.exchange(round_, "train", TRAIN, contents, validate)
+        for client_id, reply in replies.items():
+            self._row(round_, client_id).update(
+                {k: v for k, v in reply.metrics.items() if k != NUM_EXAMPLES}
+            )
+        return replies
+
+    def evaluate_phase(self, round_: int, clients: list[ClientInfo]) -> None:
+        """Each client evaluates its personal model on its local test split."""
+        contents = {
+            c.client_id: make_content(
+                self.base_config(round_, c.client_id), self.strategy.evaluate_arrays(round_, c)
+            )
+            for c in clients
+        }
+        for client_id, reply in self.exchange(round_, "evaluate", EVALUATE, contents).items():
+            self._row(round_, client_id).update(
+                {k: v for k, v in reply.metrics.items() if k.startswith("eval/")}
+            )
+
+    # -- the run ----------------------------------------------------------------------
+
+    def run(self, *, resume: bool = False) -> None:
+        """Run (or resume) every round, checkpointing after each."""
+        first = 1
+        if resume:
+            checkpoint = self.run_dir.load_checkpoint()
+            if checkpoint is not None:
+                done, tensors, meta = checkpoint
+                self.strategy.load_state_dict(tensors, meta.get("strategy", {}))
+                self.run_dir.truncate_metrics(done)
+                first = done + 1
+                log.info("resuming after round %d", done)
+            else:
+                self.run_dir.truncate_metrics(0)
+        self.observer.on_start(self.experiment, first)
+        for round_ in range(first, self.experiment.rounds + 1):
+            self._rows = {}
+            self.discover(round_)
+            participants = self.select(round_)
+            if not participants:
+                raise RuntimeError(f"round {round_}: no client is online")
+            self.strategy.run_round(self, round_, participants)
+            last = round_ == self.experiment.rounds
+            if last or round_ % self.experiment.evaluate_every == 0:
+                self.evaluate_phase(round_, participants)
+            rows = [self._rows[c.client_id] for c in participants if c.client_id in self._rows]
+            self.run_dir.append_metrics(rows)
+            tensors, meta = self.strategy.state_dict()
+            self.run_dir.save_checkpoint(round_, tensors, {"strategy": meta})
+            self.observer.on_round_end(round_, rows)
+
+
+def checkpoint_tensors(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Namespace tensors for a checkpoint (``prefix/name``)."""
+    return {f"{prefix}/{k}": v for k, v in tensors.items()}
+
+
+def split_checkpoint(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Inverse of :func:`checkpoint_tensors` over several prefixes."""
+    out: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        prefix, _, name = key.partition("/")
+        out.setdefault(prefix, {})[name] = value
+    return out

@@ -1,0 +1,16 @@
+"""Shared fixtures: Flower environment, tiny experiments, in-process runs."""
+
+from __future__ import annotations
+
+import os
+
+for _key, _value in {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)

@@ -1,0 +1,111 @@
+"""Tiny experiments and in-process federated runs for tests."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from fedmtl.client_app import app as client_app
+from fedmtl.config import Experiment, parse_experiment
+from fedmtl.results import RunDirectory
+from fedmtl.strategies import FederatedLoop, create_strategy
+from fedmtl.testing import FakeGrid
+
+TINY_VIT = {"img_size": 16, "patch_size": 4, "depth": 1}
+
+
+def tiny_experiment(algorithm: str = "fedavg", rounds: int = 4, **overrides: Any) -> Experiment:
+    """Three clients (two share an encoder architecture, one is multi-task) on 16-px digits."""
+    data: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 3,
+        "rounds": rounds,
+        "device": "cpu",
+        "algorithm": {"name": algorithm},
+        "datasets": {"digits": {"kind": "quickstart", "image_size": 16}},
+        "defaults": {
+            "local_epochs": 1,
+            "batch_size": 8,
+            "optimizer": "sgd",
+            "lr": 0.05,
+            "max_batches": 2,
+        },
+        "clients": [
+            {
+                "client_id": "a-digit",
+                "dataset": "digits",
+                "tasks": ["digit"],
+                "samples": 24,
+                "test_samples": 16,
+                "model": {"backbone": "vit_tiny_patch16_224", "kwargs": TINY_VIT,
+                          "decoder_channels": 8, "decoder_hidden": 16},
+            },
+            {
+                "client_id": "b-digit",
+                "dataset": "digits",
+                "tasks": ["digit"],
+                "samples": 24,
+                "test_samples": 16,
+                "model": {"backbone": "vit_tiny_patch16_224", "kwargs": TINY_VIT,
+                          "decoder_channels": 8, "decoder_hidden": 16},
+            },
+            {
+                "client_id": "c-seg-depth",
+                "dataset": "digits",
+                "tasks": ["segmentation", "depth"],
+                "samples": 24,
+                "test_samples": 16,
+                "model": {"backbone": "vit_tiny_patch16_224", "kwargs": TINY_VIT,
+                          "decoder_channels": 8, "decoder_hidden": 16},
+            },
+        ],
+    }
+    for key, value in overrides.items():
+        data[key] = value
+    return parse_experiment(copy.deepcopy(data))
+
+
+class StopAfter:
+    """An observer that raises after a given round (simulates a server killed mid-run)."""
+
+    class Stopped(RuntimeError):
+        pass
+
+    def __init__(self, round_: int) -> None:
+        self.round = round_
+
+    def on_start(self, experiment: Experiment, first_round: int) -> None:
+        pass
+
+    def on_phase(self, round_: int, phase: str, done: int, total: int) -> None:
+        pass
+
+    def on_round_end(self, round_: int, rows: list[dict[str, Any]]) -> None:
+        if round_ == self.round:
+            raise StopAfter.Stopped(f"stopped after round {round_}")
+
+
+def run_in_process(
+    experiment: Experiment,
+    out: Path,
+    *,
+    grid: FakeGrid | None = None,
+    run_dir: RunDirectory | None = None,
+    resume: bool = False,
+    observer: Any = None,
+) -> tuple[RunDirectory, FakeGrid]:
+    """Run ``experiment`` on a FakeGrid (one node per client) and return its run folder."""
+    grid = grid or FakeGrid(client_app, len(experiment.clients))
+    run_dir = run_dir or RunDirectory.create(out, experiment)
+    loop = FederatedLoop(grid, experiment, create_strategy(experiment), run_dir, observer=observer)
+    loop.run(resume=resume)
+    return run_dir, grid
+
+
+def eval_rows(run_dir: RunDirectory) -> list[dict[str, Any]]:
+    """Rows with evaluation metrics, without timing fields (which differ between runs)."""
+    out = []
+    for row in run_dir.read_metrics():
+        out.append({k: v for k, v in row.items() if not k.startswith(("seconds", "train/seconds"))})
+    return out

@@ -1,0 +1,55 @@
+"""End to end through Flower's real simulation engine (Ray), and `flwr run .`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedmtl.results import RunDirectory
+from tests.helpers import tiny_experiment
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(300)
+def test_simulate_through_ray(tmp_path: Path) -> None:
+    from fedmtl.simulation import simulate
+
+    experiment = tiny_experiment("fedavg", rounds=2)
+    run_dir = simulate(experiment, RunDirectory.create(tmp_path, experiment))
+    rows = run_dir.read_metrics()
+    assert {r["client_id"] for r in rows} == {c.client_id for c in experiment.clients}
+    assert [r["round"] for r in rows] == [1, 1, 1, 2, 2, 2]
+    assert all(r.get("status") != "failed" for r in rows)
+    summary = json.loads(run_dir.summary_path.read_text())
+    assert summary["clients"]["a-digit"]["tasks"]["digit"]["metric"] == "accuracy"
+    assert (run_dir.path / "metrics.png").stat().st_size > 1000
+    # the encoder of a-digit and b-digit (same architecture) was averaged: both got bytes down
+    assert all(r["bytes_down"] > 0 for r in rows if r["round"] == 2)
+
+
+@pytest.mark.timeout(300)
+def test_cli_simulate_leaves_no_process(tmp_path: Path) -> None:
+    config = tmp_path / "exp.toml"
+    config.write_text((ROOT / "tests" / "data" / "tiny.toml").read_text())
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+    before = _ray_pids()
+    result = subprocess.run(
+        [sys.executable, "-m", "fedmtl.cli", "simulate", str(config), "--output", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=280,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "run folder" in result.stdout
+    assert _ray_pids() <= before, "the CLI left Ray processes running"
+
+
+def _ray_pids() -> set[int]:
+    pattern = "raylet|gcs_server|ray::"
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    return {int(p) for p in found.stdout.split()}
