@@ -16,6 +16,7 @@ Prints a table and writes ``benchmarks/results/overhead.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -59,7 +60,7 @@ def run_flower(experiment: Experiment, out: Path) -> list[float]:
     run_dir = RunDirectory.create(out, experiment)
     simulate(experiment, run_dir, observer=timer)
     edges = [timer.start, *timer.ends]
-    return [b - a for a, b in zip(edges, edges[1:])]
+    return [b - a for a, b in itertools.pairwise(edges)]
 
 
 def run_plain(experiment: Experiment, out: Path) -> list[float]:
@@ -74,9 +75,18 @@ def run_plain(experiment: Experiment, out: Path) -> list[float]:
     shares = ("encoder", "decoders")
     infos = {}
     for s in sessions:
-        specs = {k: TensorSpec.of(v) for k, v in shared_parameters(models[s.client_id], shares).items()}
-        infos[s.client_id] = ClientInfo(s.client_id, 0, s.client.dataset, list(s.client.tasks),
-                                        len(s.split("train")), len(s.split("test")), specs)
+        specs = {
+            k: TensorSpec.of(v) for k, v in shared_parameters(models[s.client_id], shares).items()
+        }
+        infos[s.client_id] = ClientInfo(
+            s.client_id,
+            0,
+            s.client.dataset,
+            list(s.client.tasks),
+            len(s.split("train")),
+            len(s.split("test")),
+            specs,
+        )
     from fedmtl.clients.training import evaluate_model
 
     times = []
@@ -117,7 +127,9 @@ def main() -> None:
     # parallelism: Flower runs one actor with all cores, the plain loop uses all cores too.
     cpus = os.cpu_count() or 1
     experiment = experiment.model_copy(
-        update={"simulation": experiment.simulation.model_copy(update={"num_cpus_per_client": cpus})}
+        update={
+            "simulation": experiment.simulation.model_copy(update={"num_cpus_per_client": cpus})
+        }
     )
     with tempfile.TemporaryDirectory() as tmp:
         flower = run_flower(experiment, Path(tmp) / "flower")
@@ -139,8 +151,10 @@ def main() -> None:
     print(f"{'round':>6} {'flower s':>10} {'plain s':>10}")
     for i, (a, b) in enumerate(zip(flower, plain), start=1):
         print(f"{i:>6} {a:>10.2f} {b:>10.2f}")
-    print(f"steady-state ratio (rounds 2..{args.rounds}, median): {result['ratio']:.3f} "
-          f"(target ≤ 1.3)")
+    print(
+        f"steady-state ratio (rounds 2..{args.rounds}, median): {result['ratio']:.3f} "
+        f"(target ≤ 1.3)"
+    )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.output}")

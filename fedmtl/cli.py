@@ -43,19 +43,21 @@ class RichObserver:
 
     def on_phase(self, round_: int, phase: str, done: int, total: int) -> None:
         """Show the phase that just ended."""
-        self.progress.update(self.task, description=f"{self.label} round {round_}: {phase} "
-                                                    f"{done}/{total}")
+        self.progress.update(
+            self.task, description=f"{self.label} round {round_}: {phase} {done}/{total}"
+        )
 
     def on_round_end(self, round_: int, rows: list[dict[str, Any]]) -> None:
         """Advance the bar; report failed clients."""
         failed = [r["client_id"] for r in rows if r.get("status") == "failed"]
         note = f" ({len(failed)} left out: {', '.join(failed)})" if failed else ""
-        self.progress.update(self.task, completed=round_,
-                             description=f"{self.label} round {round_} done{note}")
+        self.progress.update(
+            self.task, completed=round_, description=f"{self.label} round {round_} done{note}"
+        )
 
 
 def with_algorithm(experiment: Experiment, name: str) -> Experiment:
-    """The experiment with ``algorithm`` replaced by ``name`` and its ``[hyperparameters.<name>]``."""
+    """Return the experiment running ``name`` with its ``[hyperparameters.<name>]``."""
     data = experiment.model_dump(mode="json")
     data["algorithm"] = {"name": name, **experiment.hyperparameters.get(name, {})}
     return parse_experiment(data, check_data=False)
@@ -122,8 +124,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for name in algorithms:
         runs[name] = _run_one(with_algorithm(experiment, name), output)
     reference = runs.get("local")
-    summaries = {name: summarize(run, reference if name != "local" else None)
-                 for name, run in runs.items()}
+    summaries = {
+        name: summarize(run, reference if name != "local" else None) for name, run in runs.items()
+    }
     compare_dir = Path(output) / experiment.name / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     compare_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_runs(runs, compare_dir / "compare.png")
@@ -131,7 +134,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     (compare_dir / "compare.json").write_text(json.dumps(summaries, indent=2, allow_nan=True))
     console.print(compare_table(summaries))
-    console.print(f"plot: [bold]{plot}[/bold]\nruns: " + ", ".join(str(r.path) for r in runs.values()))
+    console.print(
+        f"plot: [bold]{plot}[/bold]\nruns: " + ", ".join(str(r.path) for r in runs.values())
+    )
     return 0
 
 
@@ -190,8 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "simulate" and not (args.config or args.resume):
         parser.error("simulate needs CONFIG or --resume RUN_DIR")
     try:

@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 
 import fedmtl.clients  # noqa: F401  (registers every client algorithm)
 from fedmtl.clients.base import client_algorithm
+from fedmtl.clients.fedmuscle import fedmuscle_client
 from fedmtl.clients.session import ClientSession, shared_specs
 from fedmtl.config import Experiment, experiment_from_json
 from fedmtl.messages import (
@@ -40,7 +41,10 @@ def _experiment(text: str) -> Experiment:
 
 
 def client_id_of(context: Context, experiment: Experiment) -> str:
-    """This node's client: ``client-id`` in the node config, else the partition-id-th client."""
+    """Return this node's client.
+
+    ``client-id`` in the node config (deployment), else the partition-id-th client (simulation).
+    """
     node_config = context.node_config
     if "client-id" in node_config:
         client_id = str(node_config["client-id"])
@@ -73,6 +77,8 @@ def open_session(msg: Message, context: Context) -> tuple[ClientSession, dict[st
     else:
         raise ValueError("no state directory: set state-dir in the node config")
     data_root = str(node_config["data-dir"]) if "data-dir" in node_config else None
+    if "device" in node_config:  # a SuperNode pins its own GPU: --node-config "device='cuda:1'"
+        experiment = experiment.model_copy(update={"device": str(node_config["device"])})
     threads = int(node_config.get("num-threads", 0) or 0)
     if threads:
         torch.set_num_threads(threads)
@@ -107,7 +113,7 @@ def train(msg: Message, context: Context) -> Message:
     algorithm = client_algorithm(session.experiment, session)
     outcome = algorithm.train(int(config[SERVER_ROUND]), _received(msg), config)
     content = make_reply_content(
-        session.client_id, outcome.metrics, outcome.arrays, **outcome.extra_arrays
+        session.client_id, outcome.metrics, outcome.arrays, extra_arrays=outcome.extra_arrays
     )
     return Message(content, reply_to=msg)
 
@@ -122,3 +128,21 @@ def evaluate(msg: Message, context: Context) -> Message:
     for task, values in results.items():
         metrics.update({f"eval/{task}/{name}": float(v) for name, v in values.items()})
     return Message(make_reply_content(session.client_id, metrics), reply_to=msg)
+
+
+@app.query("represent")
+def represent(msg: Message, context: Context) -> Message:
+    """FedMuscle: representations of the requested public batches."""
+    session, config = open_session(msg, context)
+    outcome = fedmuscle_client(session).represent(int(config[SERVER_ROUND]), config)
+    content = make_reply_content(session.client_id, outcome.metrics, outcome.arrays)
+    return Message(content, reply_to=msg)
+
+
+@app.train("align")
+def align(msg: Message, context: Context) -> Message:
+    """FedMuscle: contrastive steps on the server's payloads (and the next representation)."""
+    session, config = open_session(msg, context)
+    outcome = fedmuscle_client(session).align(int(config[SERVER_ROUND]), _received(msg), config)
+    content = make_reply_content(session.client_id, outcome.metrics, outcome.arrays)
+    return Message(content, reply_to=msg)

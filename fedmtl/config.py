@@ -67,8 +67,9 @@ class DittoConfig(Strict):
 
 
 class MFedConfig(Strict):
-    """M-Fed: FedAvg inside task groups, encoder-only average across groups, and the pull
-    ``λ_r·‖w_enc − g‖²`` toward the global encoder (spec/mfed.md).
+    """M-Fed: FedAvg in task groups, then an encoder-only average across groups.
+
+    Clients are pulled toward the global encoder by ``λ_r·‖w_enc − g‖²`` (spec/mfed.md).
     """
 
     name: Literal["mfed"] = "mfed"
@@ -86,8 +87,9 @@ class MFedConfig(Strict):
 
 
 class FedHCA2Config(Strict):
-    """FedHCA2: conflict-averse encoders, cross-attention decoders, learned hyper weights
-    (spec/fedhca2.md).
+    """FedHCA2: conflict-averse encoders, cross-attention decoders, learned hyper weights.
+
+    See spec/fedhca2.md.
     """
 
     name: Literal["fedhca2"] = "fedhca2"
@@ -102,8 +104,10 @@ class FedHCA2Config(Strict):
 
 
 class FedMuscleConfig(Strict):
-    """FedMuscle: representations of a shared public dataset, contrastive targets from M peers,
-    the Muscle loss (spec/fedmuscle.md). No weights leave a client.
+    """FedMuscle: contrastive alignment on a shared public dataset (spec/fedmuscle.md).
+
+    Clients exchange representations of public samples, never weights; each minimises the
+    Muscle loss against M peers.
     """
 
     name: Literal["fedmuscle"] = "fedmuscle"
@@ -130,9 +134,7 @@ AlgorithmConfig = Annotated[
     | FedMuscleConfig,
     Field(discriminator="name"),
 ]
-ALGORITHM_NAMES = (
-    "local", "fedavg", "fedprox", "fedper", "ditto", "mfed", "fedhca2", "fedmuscle"
-)
+ALGORITHM_NAMES = ("local", "fedavg", "fedprox", "fedper", "ditto", "mfed", "fedhca2", "fedmuscle")
 
 
 # --------------------------------------------------------------------------- data and models
@@ -152,7 +154,7 @@ class DatasetConfig(Strict):
     kind: str
     root: str | None = None
     image_size: int | None = Field(None, ge=8)
-    partition: PartitionConfig = PartitionConfig()
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -240,7 +242,7 @@ class Experiment(Strict):
     algorithm: AlgorithmConfig = FedAvgConfig()
     # Per-algorithm hyper-parameters used when --algorithm / compare selects that algorithm.
     hyperparameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    simulation: SimulationConfig = SimulationConfig()
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     public: PublicDatasetConfig | None = None
     datasets: dict[str, DatasetConfig]
     clients: list[ClientConfig] = Field(min_length=1)
@@ -277,7 +279,8 @@ class Experiment(Strict):
             raise ValueError(f"clients: duplicate client_id {dupes}")
         if self.clients_per_round is not None and self.clients_per_round > len(self.clients):
             raise ValueError(
-                f"clients_per_round={self.clients_per_round} exceeds the {len(self.clients)} clients"
+                f"clients_per_round={self.clients_per_round} exceeds the "
+                f"{len(self.clients)} clients"
             )
         for i, client in enumerate(self.clients):
             if client.dataset not in self.datasets:

@@ -120,7 +120,7 @@ def validate_metrics(metrics: Mapping[str, object], *, client_id: str) -> None:
 def make_content(
     config: Mapping[str, str | int | float | bool],
     arrays: Mapping[str, Tensor] | None = None,
-    **extra_arrays: Mapping[str, Tensor],
+    extra_arrays: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> RecordDict:
     """Build a message's content: a config record plus optional named-tensor records."""
     records: dict[str, ArrayRecord | ConfigRecord | MetricRecord] = {
@@ -128,7 +128,7 @@ def make_content(
     }
     if arrays:
         records[ARRAYS] = to_array_record(arrays)
-    for key, tensors in extra_arrays.items():
+    for key, tensors in (extra_arrays or {}).items():
         records[key] = to_array_record(tensors)
     return RecordDict(records)
 
@@ -138,7 +138,7 @@ def make_reply_content(
     metrics: Mapping[str, int | float | list[float]],
     arrays: Mapping[str, Tensor] | None = None,
     info: Mapping[str, str | int | float | bool] | None = None,
-    **extra_arrays: Mapping[str, Tensor],
+    extra_arrays: Mapping[str, Mapping[str, Tensor]] | None = None,
 ) -> RecordDict:
     """Build a reply's content (client identity, metrics, optional tensors)."""
     records: dict[str, ArrayRecord | ConfigRecord | MetricRecord] = {
@@ -147,7 +147,7 @@ def make_reply_content(
     }
     if arrays:
         records[ARRAYS] = to_array_record(arrays)
-    for key, tensors in extra_arrays.items():
+    for key, tensors in (extra_arrays or {}).items():
         records[key] = to_array_record(tensors)
     return RecordDict(records)
 

@@ -122,7 +122,9 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
                 "—" if delta is None else f"{delta:+.2f}",
             )
     mean = summary.get("mean_delta_vs_local_pct")
-    table.caption = f"mean Δ% vs local: {_fmt(mean)}" if mean is not None else "no local run to compare"
+    table.caption = (
+        f"mean Δ% vs local: {_fmt(mean)}" if mean is not None else "no local run to compare"
+    )
     return table
 
 
@@ -180,7 +182,7 @@ def plot_runs(runs: Mapping[str, RunDirectory], path: Path) -> Path:
         ax.set_xlabel("round")
         ax.set_ylabel(f"{metric} {'↑' if higher else '↓'}")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:

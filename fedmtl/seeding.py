@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import random
-
-import numpy as np
-import torch
 
 
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed that depends only on ``parts`` (same in every process and machine)."""
     digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) for a deterministic step."""
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)

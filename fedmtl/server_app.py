@@ -29,8 +29,9 @@ def run_experiment(
 ) -> RunDirectory:
     """Run every round of ``experiment`` over ``grid``, then write summary.json and plots."""
     strategy = create_strategy(experiment)
-    loop = FederatedLoop(grid, experiment, strategy, run_dir, observer=observer,
-                         state_root=state_root)
+    loop = FederatedLoop(
+        grid, experiment, strategy, run_dir, observer=observer, state_root=state_root
+    )
     loop.run(resume=resume)
     summarize(run_dir)
     plot_runs({experiment.algorithm.name: run_dir}, run_dir.path / "metrics.png")

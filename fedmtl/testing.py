@@ -62,10 +62,13 @@ class FakeGrid(Grid):
         self.contexts: dict[int, Context] = {}
         for index in range(num_nodes):
             node_id = 101 + index
-            config = {"partition-id": index, "num-partitions": num_nodes}
+            config: dict[str, Any] = {"partition-id": index, "num-partitions": num_nodes}
             config.update((node_configs or [{}] * num_nodes)[index])
             self.contexts[node_id] = Context(
-                run_id=run_id, node_id=node_id, node_config=config, state=RecordDict(),
+                run_id=run_id,
+                node_id=node_id,
+                node_config=config,
+                state=RecordDict(),
                 run_config={},
             )
         self.offline: set[int] = set()

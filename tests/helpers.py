@@ -38,8 +38,12 @@ def tiny_experiment(algorithm: str = "fedavg", rounds: int = 4, **overrides: Any
                 "tasks": ["digit"],
                 "samples": 24,
                 "test_samples": 16,
-                "model": {"backbone": "vit_tiny_patch16_224", "kwargs": TINY_VIT,
-                          "decoder_channels": 8, "decoder_hidden": 16},
+                "model": {
+                    "backbone": "vit_tiny_patch16_224",
+                    "kwargs": TINY_VIT,
+                    "decoder_channels": 8,
+                    "decoder_hidden": 16,
+                },
             },
             {
                 "client_id": "b-digit",
@@ -47,8 +51,12 @@ def tiny_experiment(algorithm: str = "fedavg", rounds: int = 4, **overrides: Any
                 "tasks": ["digit"],
                 "samples": 24,
                 "test_samples": 16,
-                "model": {"backbone": "vit_tiny_patch16_224", "kwargs": TINY_VIT,
-                          "decoder_channels": 8, "decoder_hidden": 16},
+                "model": {
+                    "backbone": "vit_tiny_patch16_224",
+                    "kwargs": TINY_VIT,
+                    "decoder_channels": 8,
+                    "decoder_hidden": 16,
+                },
             },
             {
                 "client_id": "c-seg-depth",
@@ -56,8 +64,12 @@ def tiny_experiment(algorithm: str = "fedavg", rounds: int = 4, **overrides: Any
                 "tasks": ["segmentation", "depth"],
                 "samples": 24,
                 "test_samples": 16,
-                "model": {"backbone": "vit_tiny_patch16_224", "kwargs": TINY_VIT,
-                          "decoder_channels": 8, "decoder_hidden": 16},
+                "model": {
+                    "backbone": "vit_tiny_patch16_224",
+                    "kwargs": TINY_VIT,
+                    "decoder_channels": 8,
+                    "decoder_hidden": 16,
+                },
             },
         ],
     }

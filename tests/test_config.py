@@ -61,8 +61,11 @@ def test_good_file_resolves_defaults_and_algorithm(tmp_path: Path) -> None:
         ('kind = "quickstart"', 'kind = "cifar10"\nroot = "/nope/cifar"', "datasets.d.root"),
         ("[defaults]\nlr = 0.01", "[defaults]\nlr = -1", "clients[0].training.lr"),
         ('name = "fedprox"', 'name = "fedsgd"', "algorithm"),
-        ('dataset = "d"\ntasks = ["digit"]', 'dataset = "e"\ntasks = ["digit"]',
-         "clients[0].dataset"),
+        (
+            'dataset = "d"\ntasks = ["digit"]',
+            'dataset = "e"\ntasks = ["digit"]',
+            "clients[0].dataset",
+        ),
     ],
 )
 def test_bad_file_names_the_field(tmp_path: Path, old: str, new: str, field: str) -> None:

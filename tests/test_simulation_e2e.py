@@ -42,7 +42,10 @@ def test_cli_simulate_leaves_no_process(tmp_path: Path) -> None:
     before = _ray_pids()
     result = subprocess.run(
         [sys.executable, "-m", "fedmtl.cli", "simulate", str(config), "--output", str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=280,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=280,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "run folder" in result.stdout

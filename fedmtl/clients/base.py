@@ -16,7 +16,9 @@ from fedmtl.config import Experiment
 CLIENT_ALGORITHMS: dict[str, type[ClientAlgorithm]] = {}
 
 
-def register_client_algorithm(name: str) -> Callable[[type[ClientAlgorithm]], type[ClientAlgorithm]]:
+def register_client_algorithm(
+    name: str,
+) -> Callable[[type[ClientAlgorithm]], type[ClientAlgorithm]]:
     """Register the client side of algorithm ``name`` (``algorithm.name`` in the experiment)."""
 
     def decorator(cls: type[ClientAlgorithm]) -> type[ClientAlgorithm]:

@@ -36,6 +36,7 @@ class FedProxClient(ClientAlgorithm):
     def extra_loss(
         self, received: Mapping[str, Tensor], config: Mapping[str, Any]
     ) -> Callable[[nn.Module], Tensor] | None:
+        """Return ``(mu/2)·‖w − w_start‖²`` over the shared parameters."""
         mu = float(self.hyper.mu)
         if mu == 0:
             return None
@@ -56,8 +57,9 @@ class FedProxClient(ClientAlgorithm):
 
 @register_client_algorithm("ditto")
 class DittoClient(ClientAlgorithm):
-    """Ditto: the shared model trains as in FedAvg; a personal model ``v`` trains on
-    ``task loss + (lam/2)·‖v − w_global‖²`` and is the one evaluated.
+    """Ditto: FedAvg's shared model plus a regularised personal model ``v``.
+
+    ``v`` trains on ``task loss + (lam/2)·‖v − w_global‖²`` and is the one evaluated.
 
     ``v`` lives in the personal state as the extra ``personal`` (all parameters and buffers).
     """
@@ -72,6 +74,7 @@ class DittoClient(ClientAlgorithm):
         round_: int,
         config: Mapping[str, Any],
     ) -> dict[str, float]:
+        """Train the personal model toward this round's global model."""
         session = self.session
         personal = session.new_model()
         if "personal" in extras:
@@ -97,6 +100,7 @@ class DittoClient(ClientAlgorithm):
     def evaluation_model(
         self, model: nn.Module, extras: Mapping[str, Mapping[str, Tensor]]
     ) -> nn.Module:
+        """Return the personal model ``v``."""
         if "personal" not in extras:
             return model
         personal = self.session.new_model()

@@ -26,7 +26,9 @@ EXTRA_PREFIX = "extra."
 
 
 @functools.lru_cache(maxsize=8)
-def _dataset_source(kind: str, root: str | None, image_size: int | None, seed: int, options: str):
+def _dataset_source(
+    kind: str, root: str | None, image_size: int | None, seed: int, options: str
+) -> DatasetSource:
     # Pure, read-only derived data: caching per process saves rebuilding it for every message
     # (simulation actors serve many messages; deployment spawns a process per message anyway).
     return create_dataset(kind, root, image_size=image_size, seed=seed, **json.loads(options))

@@ -75,11 +75,11 @@ class TrainStats:
 def multitask_loss(
     outputs: Mapping[str, Tensor], targets: Mapping[str, Tensor], tasks: Sequence[Task]
 ) -> tuple[Tensor, dict[str, float]]:
-    """Sum of the client's task losses (each task's loss is a mean over its valid elements)."""
+    """Weighted sum of the client's task losses, ``Σ_t w_t·L_t`` (``w_t = task.loss_weight``)."""
     total: Tensor | None = None
     parts: dict[str, float] = {}
     for task in tasks:
-        loss = task.loss(outputs[task.name].float(), targets[task.name])
+        loss = task.loss(outputs[task.name].float(), targets[task.name]) * task.loss_weight
         parts[task.name] = float(loss.detach())
         total = loss if total is None else total + loss
     assert total is not None  # a client has at least one task (validated in config)

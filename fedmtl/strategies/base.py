@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-from abc import ABC
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -69,13 +69,15 @@ class ClientInfo:
         return out
 
     def group_key(self, group: str) -> str:
-        """Who may be averaged with whom: same group, same tensor signature, and for a
-        decoder also the same dataset (a task is a dataset's task).
-        """
-        specs = {k: [list(s.shape), s.dtype] for k, s in self.specs.items() if k.startswith(group + ".")}
-        signature = json.dumps(specs, sort_keys=True)
-        import hashlib
+        """Return the key that decides who is averaged with whom.
 
+        Same group, same tensor names/shapes/dtypes, and for a decoder also the same dataset
+        (a task is a dataset's task).
+        """
+        specs = {
+            k: [list(s.shape), s.dtype] for k, s in self.specs.items() if k.startswith(group + ".")
+        }
+        signature = json.dumps(specs, sort_keys=True)
         digest = hashlib.sha256(signature.encode()).hexdigest()[:16]
         scope = f"{self.dataset}/" if group.startswith("decoders.") else ""
         return f"{scope}{group}@{digest}"
@@ -92,7 +94,7 @@ class Reply:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class Strategy(ABC):
+class Strategy:
     """Server side of one algorithm.
 
     The loop (:class:`fedmtl.strategies.loop.FederatedLoop`) owns Flower, selection,
@@ -118,7 +120,7 @@ class Strategy(ABC):
         return {}
 
     def evaluate_arrays(self, round_: int, client: ClientInfo) -> dict[str, Tensor]:
-        """Tensors a client evaluates with after ``round_`` (default: what it would train from next)."""
+        """Tensors a client evaluates with after ``round_`` (default: next round's train arrays)."""
         return self.train_arrays(round_ + 1, client)
 
     def expected_reply(self, client: ClientInfo) -> dict[str, TensorSpec]:

@@ -30,18 +30,30 @@ class GroupAveraging(Strategy):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.global_groups: dict[str, dict[str, Tensor]] = {}  # group key → averaged tensors
+        self.holders: dict[str, int] = {}  # group key → how many known clients hold it
 
     def train_arrays(self, round_: int, client: ClientInfo) -> dict[str, Tensor]:
-        """The client's groups as averaged in the previous round (none in round 1)."""
+        """The client's groups as averaged in the previous round (none in round 1).
+
+        A group no other client holds is not sent: its average is the client's own tensors,
+        which its personal state already has.
+        """
         out: dict[str, Tensor] = {}
         for group in client.group_specs(self.shares):
-            out.update(self.global_groups.get(client.group_key(group), {}))
+            key = client.group_key(group)
+            if self.holders.get(key, 0) >= 2:
+                out.update(self.global_groups.get(key, {}))
         return out
 
     def aggregate(
         self, round_: int, replies: Mapping[str, Reply], clients: Mapping[str, ClientInfo]
     ) -> dict[str, float]:
         """Weighted (by training examples) average per group key among repliers."""
+        self.holders = {}
+        for info in clients.values():
+            for group in info.group_specs(self.shares):
+                key = info.group_key(group)
+                self.holders[key] = self.holders.get(key, 0) + 1
         members: dict[str, list[tuple[dict[str, Tensor], float]]] = {}
         for client_id, reply in replies.items():
             info = clients[client_id]
@@ -50,23 +62,23 @@ class GroupAveraging(Strategy):
                 tensors = {name: reply.arrays[name] for name in specs}
                 members.setdefault(info.group_key(group), []).append((tensors, weight))
         for key, entries in members.items():
-            # A group held by a single client is still stored: it is that client's shared state
-            # if it misses a later round while peers join with the same architecture.
-            self.global_groups[key] = weighted_average([t for t, _ in entries],
-                                                       [w for _, w in entries])
+            self.global_groups[key] = weighted_average(
+                [t for t, _ in entries], [w for _, w in entries]
+            )
         return {"groups": float(len(members))}
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Every group average, namespaced by group key."""
         tensors: dict[str, Tensor] = {}
-        for index, (key, group) in enumerate(sorted(self.global_groups.items())):
+        for index, (_, group) in enumerate(sorted(self.global_groups.items())):
             tensors.update(checkpoint_tensors(f"g{index}", group))
         keys = [key for key, _ in sorted(self.global_groups.items())]
-        return tensors, {"group_keys": keys}
+        return tensors, {"group_keys": keys, "holders": self.holders}
 
     def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
         """Restore the group averages."""
         parts = split_checkpoint(tensors)
+        self.holders = dict(meta.get("holders", {}))
         self.global_groups = {
             key: parts.get(f"g{index}", {}) for index, key in enumerate(meta.get("group_keys", []))
         }

@@ -51,9 +51,14 @@ Validator = Callable[[ClientInfo, Reply], None]
 class Observer(Protocol):
     """Progress callbacks (the CLI shows them with rich; the default logs them)."""
 
-    def on_start(self, experiment: Experiment, first_round: int) -> None: ...
-    def on_phase(self, round_: int, phase: str, done: int, total: int) -> None: ...
-    def on_round_end(self, round_: int, rows: list[dict[str, Any]]) -> None: ...
+    def on_start(self, experiment: Experiment, first_round: int) -> None:
+        """Before the first round (``first_round`` > 1 on resume)."""
+
+    def on_phase(self, round_: int, phase: str, done: int, total: int) -> None:
+        """After a phase; ``done`` of ``total`` clients replied usefully."""
+
+    def on_round_end(self, round_: int, rows: list[dict[str, Any]]) -> None:
+        """After a round's metrics and checkpoint were written."""
 
 
 class LogObserver:
@@ -61,8 +66,13 @@ class LogObserver:
 
     def on_start(self, experiment: Experiment, first_round: int) -> None:
         """Log the start."""
-        log.info("[%s] %s from round %d of %d", experiment.name, experiment.algorithm.name,
-                 first_round, experiment.rounds)
+        log.info(
+            "[%s] %s from round %d of %d",
+            experiment.name,
+            experiment.algorithm.name,
+            first_round,
+            experiment.rounds,
+        )
 
     def on_phase(self, round_: int, phase: str, done: int, total: int) -> None:
         """Log a finished phase."""
@@ -144,18 +154,19 @@ class FederatedLoop:
         for client_id, content in contents.items():
             node = self.clients[client_id].node_id
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
-            self._row(round_, client_id)["bytes_down"] = (
-                self._row(round_, client_id).get("bytes_down", 0) + content_bytes(content)
-            )
+            self._row(round_, client_id)["bytes_down"] = self._row(round_, client_id).get(
+                "bytes_down", 0
+            ) + content_bytes(content)
         start = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=self.experiment.round_timeout))
         for message in messages:
             sent[message.metadata.message_id] = self._client_of_node(message.metadata.dst_node_id)
         good: dict[str, Reply] = {}
         for reply in replies:
-            client_id = sent.get(reply.metadata.reply_to_message_id)
-            if client_id is None:
+            addressed = sent.get(reply.metadata.reply_to_message_id)
+            if addressed is None:
                 continue
+            client_id = addressed
             try:
                 parsed = self._parse(reply, client_id)
                 if validate is not None:
@@ -255,8 +266,8 @@ class FederatedLoop:
                 node_id=node,
                 dataset=str(info["dataset"]),
                 tasks=list(json.loads(str(info["tasks"]))),
-                num_train=int(metrics[NUM_EXAMPLES]),
-                num_test=int(metrics["num-test"]),
+                num_train=int(str(metrics[NUM_EXAMPLES])),
+                num_test=int(str(metrics["num-test"])),
                 specs=specs_from_json(str(info["specs"])),
             )
         missing = [c.client_id for c in self.experiment.clients if c.client_id not in self.clients]
@@ -264,9 +275,12 @@ class FederatedLoop:
             log.warning("clients not online: %s", missing)
 
     def select(self, round_: int) -> list[ClientInfo]:
-        """This round's participants: all online clients, or a seeded sample of them."""
-        online = [self.clients[c.client_id] for c in self.experiment.clients
-                  if c.client_id in self.clients]
+        """Return the participants of a round: all online clients, or a seeded sample of them."""
+        online = [
+            self.clients[c.client_id]
+            for c in self.experiment.clients
+            if c.client_id in self.clients
+        ]
         k = self.experiment.clients_per_round
         if k is None or k >= len(online):
             return online
@@ -288,8 +302,9 @@ class FederatedLoop:
         }
 
         def validate(client: ClientInfo, reply: Reply) -> None:
-            validate_tensors(reply.arrays, strategy.expected_reply(client),
-                             client_id=client.client_id)
+            validate_tensors(
+                reply.arrays, strategy.expected_reply(client), client_id=client.client_id
+            )
 
         replies = self.exchange(round_, "train", TRAIN, contents, validate)
         for client_id, reply in replies.items():
