@@ -6,7 +6,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: demo test test-fast test-slow lint typecheck clean
+.PHONY: demo test test-slow lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,6 @@ demo: $(VENV)/.installed
 	$(BIN)/fedmtl simulate configs/quickstart.toml
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q
-
-test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: $(VENV)/.installed

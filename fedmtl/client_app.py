@@ -80,6 +80,10 @@ def open_session(msg: Message, context: Context) -> tuple[ClientSession, dict[st
     if "device" in node_config:  # a SuperNode pins its own GPU: --node-config "device='cuda:1'"
         experiment = experiment.model_copy(update={"device": str(node_config["device"])})
     threads = int(node_config.get("num-threads", 0) or 0)
+    if not threads and "client-id" not in node_config:
+        # Simulation: several clients share the machine; more torch threads than the CPUs Ray
+        # granted this client oversubscribe the cores (10× slower on 2 busy cores, measured).
+        threads = experiment.simulation.num_cpus_per_client
     if threads:
         torch.set_num_threads(threads)
     return ClientSession(experiment, client_id, state_dir, data_root), config

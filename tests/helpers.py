@@ -24,6 +24,8 @@ def tiny_experiment(algorithm: str = "fedavg", rounds: int = 4, **overrides: Any
         "device": "cpu",
         "algorithm": {"name": algorithm},
         "datasets": {"digits": {"kind": "quickstart", "image_size": 16}},
+        # Only FedMuscle reads it; harmless elsewhere, so every strategy runs the same file.
+        "public": {"dataset": "digits", "size": 16, "batch_size": 8},
         "defaults": {
             "local_epochs": 1,
             "batch_size": 8,

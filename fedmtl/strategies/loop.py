@@ -274,6 +274,28 @@ class FederatedLoop:
         if missing:
             log.warning("clients not online: %s", missing)
 
+    def wait_for_nodes(self, timeout: float, poll: float = 0.2) -> int:
+        """Block until every client of the experiment has a node online, or ``timeout``.
+
+        Nodes register asynchronously (simulation engine start-up, SuperNodes connecting), so
+        the first round waits for them, as Flower's own node sampling does. Returns how many
+        nodes are online; a run then proceeds with whoever came.
+        """
+        expected = len(self.experiment.clients)
+        deadline = time.monotonic() + timeout
+        online = len(list(self.grid.get_node_ids()))
+        while online < expected and time.monotonic() < deadline:
+            time.sleep(poll)
+            online = len(list(self.grid.get_node_ids()))
+        if online < expected:
+            log.warning(
+                "%d of %d client nodes online after %.0f s; continuing with them",
+                online,
+                expected,
+                timeout,
+            )
+        return online
+
     def select(self, round_: int) -> list[ClientInfo]:
         """Return the participants of a round: all online clients, or a seeded sample of them."""
         online = [
@@ -342,6 +364,7 @@ class FederatedLoop:
             else:
                 self.run_dir.truncate_metrics(0)
         self.observer.on_start(self.experiment, first)
+        self.wait_for_nodes(self.experiment.round_timeout)
         for round_ in range(first, self.experiment.rounds + 1):
             self._rows = {}
             self.discover(round_)
