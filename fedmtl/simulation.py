@@ -20,6 +20,17 @@ FLOWER_ENV = {
 }
 
 
+class _HideRunSimulationDeprecation(logging.Filter):
+    """Drop Flower's notice that ``run_simulation`` is deprecated.
+
+    fedmtl runs the ServerApp in this process on purpose (live progress, no detached
+    SuperLink left behind); ``flwr run .`` remains available for users who prefer it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation` function is deprecated" not in record.getMessage()
+
+
 def backend_config(experiment: Experiment) -> dict[str, Any]:
     """Ray resources: ``num_cpus_per_client`` and ``num_gpus_per_client`` per virtual node.
 
@@ -73,7 +84,10 @@ def simulate(
     from fedmtl.server_app import make_server_app
 
     server_app = make_server_app(experiment, run_dir, resume=resume, observer=observer)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _HideRunSimulationDeprecation) for f in flwr_logger.filters):
+        flwr_logger.addFilter(_HideRunSimulationDeprecation())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(

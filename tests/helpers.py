@@ -15,6 +15,22 @@ from fedmtl.testing import FakeGrid
 TINY_VIT = {"img_size": 16, "patch_size": 4, "depth": 1}
 
 
+def _tiny_client(client_id: str, tasks: list[str]) -> dict[str, Any]:
+    return {
+        "client_id": client_id,
+        "dataset": "digits",
+        "tasks": tasks,
+        "samples": 24,
+        "test_samples": 16,
+        "model": {
+            "backbone": "vit_tiny_patch16_224",
+            "kwargs": TINY_VIT,
+            "decoder_channels": 8,
+            "decoder_hidden": 16,
+        },
+    }
+
+
 def tiny_experiment(algorithm: str = "fedavg", rounds: int = 4, **overrides: Any) -> Experiment:
     """Three clients (two share an encoder architecture, one is multi-task) on 16-px digits."""
     data: dict[str, Any] = {
@@ -34,45 +50,9 @@ def tiny_experiment(algorithm: str = "fedavg", rounds: int = 4, **overrides: Any
             "max_batches": 2,
         },
         "clients": [
-            {
-                "client_id": "a-digit",
-                "dataset": "digits",
-                "tasks": ["digit"],
-                "samples": 24,
-                "test_samples": 16,
-                "model": {
-                    "backbone": "vit_tiny_patch16_224",
-                    "kwargs": TINY_VIT,
-                    "decoder_channels": 8,
-                    "decoder_hidden": 16,
-                },
-            },
-            {
-                "client_id": "b-digit",
-                "dataset": "digits",
-                "tasks": ["digit"],
-                "samples": 24,
-                "test_samples": 16,
-                "model": {
-                    "backbone": "vit_tiny_patch16_224",
-                    "kwargs": TINY_VIT,
-                    "decoder_channels": 8,
-                    "decoder_hidden": 16,
-                },
-            },
-            {
-                "client_id": "c-seg-depth",
-                "dataset": "digits",
-                "tasks": ["segmentation", "depth"],
-                "samples": 24,
-                "test_samples": 16,
-                "model": {
-                    "backbone": "vit_tiny_patch16_224",
-                    "kwargs": TINY_VIT,
-                    "decoder_channels": 8,
-                    "decoder_hidden": 16,
-                },
-            },
+            _tiny_client("a-digit", ["digit"]),
+            _tiny_client("b-digit", ["digit"]),
+            _tiny_client("c-seg-depth", ["segmentation", "depth"]),
         ],
     }
     for key, value in overrides.items():

@@ -1,0 +1,1 @@
+"""Pure tensor maths (no Flower): aggregation rules and their helpers."""

@@ -1,0 +1,1 @@
+"""Losses: task-agnostic regularisers and contrastive objectives (Muscle, InfoNCE, GRAM)."""
