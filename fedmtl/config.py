@@ -75,9 +75,9 @@ class MFedConfig(Strict):
     name: Literal["mfed"] = "mfed"
     shares: ClassVar[tuple[str, ...]] = ("encoder", "decoders", "heads")
     lambda_schedule: Literal["exponential", "constant"] = "exponential"
-    lambda_0: float = Field(1e-3, ge=0)
+    lambda_0: float = Field(1e-3, gt=0)
     growth: float = Field(1.2, gt=0)
-    lambda_max: float = Field(1.0, ge=0)
+    lambda_max: float = Field(1.0, gt=0)
     lambda_constant: float = Field(0.01, ge=0)
     threshold: float | None = Field(None, gt=0)  # negative-transfer switch (relative drop)
     patience: int = Field(1, ge=1)

@@ -1,6 +1,11 @@
 """Client-side handlers: local training, evaluation, personal state, per-algorithm behaviour."""
 
-from fedmtl.clients import baselines  # noqa: F401  (registers the baseline client algorithms)
+from fedmtl.clients import (
+    baselines,  # noqa: F401  (registers the baseline client algorithms)
+    fedhca2,  # noqa: F401  (registers the FedHCA² client)
+    fedmuscle,  # noqa: F401  (registers the FedMuscle client)
+    mfed,  # noqa: F401  (registers the M-Fed client)
+)
 from fedmtl.clients.base import CLIENT_ALGORITHMS, ClientAlgorithm, register_client_algorithm
 
 __all__ = ["CLIENT_ALGORITHMS", "ClientAlgorithm", "register_client_algorithm"]

@@ -156,9 +156,12 @@ class ClientSession:
             self._splits[name] = part
         return self._splits[name]
 
-    def batches(self, split: str, round_: int, purpose: str = "train") -> Any:
-        """``batches(epoch)`` for training: a seeded shuffle per (client, round, epoch)."""
-        dataset = self.split(split)
+    def batches(self, split: str | SampleSet, round_: int, purpose: str = "train") -> Any:
+        """``batches(epoch)`` for training: a seeded shuffle per (client, round, epoch).
+
+        ``split`` is a split name or a subset of one (e.g. a held-out validation carve-out).
+        """
+        dataset = self.split(split) if isinstance(split, str) else split
         batch_size = self.client.training.batch_size
 
         def make(epoch: int) -> Iterator[Batch]:
@@ -178,10 +181,10 @@ class ClientSession:
 
         return make
 
-    def eval_batches(self, split: str = "test") -> DataLoader[Any]:
-        """Unshuffled batches of a split for evaluation."""
+    def eval_batches(self, split: str | SampleSet = "test") -> DataLoader[Any]:
+        """Unshuffled batches of a split (or a subset of one) for evaluation."""
         return DataLoader(
-            self.split(split),
+            self.split(split) if isinstance(split, str) else split,
             batch_size=max(self.client.training.batch_size, 64),
             shuffle=False,
             collate_fn=collate,

@@ -1,6 +1,11 @@
 """Server-side round loops, one module per algorithm, on a shared base loop."""
 
-from fedmtl.strategies import baselines  # noqa: F401  (registers the baseline strategies)
+from fedmtl.strategies import (
+    baselines,  # noqa: F401  (registers the baseline strategies)
+    fedhca2,  # noqa: F401  (registers FedHCA²)
+    fedmuscle,  # noqa: F401  (registers FedMuscle)
+    mfed,  # noqa: F401  (registers M-Fed)
+)
 from fedmtl.strategies.base import STRATEGIES, ClientInfo, Reply, Strategy, create_strategy
 from fedmtl.strategies.loop import FederatedLoop
 

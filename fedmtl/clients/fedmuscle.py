@@ -1,0 +1,384 @@
+"""FedMuscle client: represent the public dataset and step the encoder on server-made payloads.
+
+Wire format (built by ``fedmtl.strategies.fedmuscle``):
+
+- ``query.represent``: config :data:`REPRESENT_EPOCH` (public epoch ``e``) and
+  :data:`REPRESENT_BATCHES` (batch indices). The reply's arrays hold ``z/<b>`` = ``Z_b``
+  (``[B_b, d]`` float32, rows L2-normalised) of every requested batch.
+- ``train.align``: config :data:`EPOCH` and arrays ``<b>/<name>`` (the server's payload for
+  public batch ``b`` of epoch ``EPOCH``: ``peers``; ``targets`` + ``log_alpha``; or ``grad`` +
+  ``loss``). The client takes one optimiser step per batch, in ascending batch order, on the
+  encoder and projector only (decoders and heads are frozen). The message may also carry a
+  represent request (``REPRESENT_EPOCH``/``REPRESENT_BATCHES``), answered after the steps with
+  the updated weights: that is how the per-batch schedule needs one round-trip per batch.
+
+Determinism: every contrastive forward of batch ``b`` of epoch ``e`` in round ``r`` runs under
+a torch RNG seeded by ``(seed, client, r, e, b)``, and a representation computed only for the
+server (no step) leaves BatchNorm buffers untouched. The ``Z_b`` a client sends is therefore
+bit-identical to the one it recomputes when the payload arrives (same weights), which is what
+makes the ``gradient`` protocol (back-propagate the server's ``∂L/∂Z``) exact on a CPU.
+
+Optimiser: the client's ``training`` optimiser with ``lr = contrastive_lr`` (or its own ``lr``),
+over encoder and projector parameters. Its state lives in the personal state as the extra
+:data:`OPTIMIZER_EXTRA`, so it persists across the per-batch messages and the contrastive epochs
+of a round; local training drops it, so every round's contrastive phase starts afresh (as the
+local phase restarts its optimiser every round).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fedmtl.aggregation.muscle_targets import client_loss_from_payload
+from fedmtl.clients.base import ClientAlgorithm, TrainOutcome, register_client_algorithm
+from fedmtl.clients.session import ClientSession, dataset_source
+from fedmtl.clients.training import autocast, make_optimizer, to_device
+from fedmtl.config import DatasetConfig
+from fedmtl.data import DATASET_REGISTRY, PublicDataset, collate
+from fedmtl.losses.muscle import gram_volume_loss
+from fedmtl.messages import NUM_EXAMPLES
+from fedmtl.models import MultiTaskModel
+from fedmtl.seeding import derive_seed
+
+EPOCH = "fedmuscle.epoch"
+REPRESENT_EPOCH = "fedmuscle.represent-epoch"
+REPRESENT_BATCHES = "fedmuscle.represent-batches"
+OPTIMIZER_EXTRA = "align_optimizer"
+ALIGNED_GROUPS = ("encoder.", "projector.")
+# GRAM's own temperature (Cicchetti et al., ispamm/GRAM); `tau` is the Muscle/InfoNCE τ^(N).
+GRAM_TAU = 0.07
+
+
+def representation_key(batch: int) -> str:
+    """Array name of ``Z_b`` in a represent or align reply."""
+    return f"z/{batch}"
+
+
+def payload_key(batch: int, name: str) -> str:
+    """Array name of payload tensor ``name`` for public batch ``batch`` in an align message."""
+    return f"{batch}/{name}"
+
+
+def split_payloads(received: Mapping[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+    """Group an align message's arrays by public batch: ``{b: {name: tensor}}``, ascending ``b``.
+
+    Raises
+    ------
+    ValueError
+        If a name is not ``<batch>/<name>``.
+    """
+    out: dict[int, dict[str, Tensor]] = {}
+    for key, value in received.items():
+        batch, sep, name = key.partition("/")
+        if not sep or not batch.isdigit() or not name:
+            raise ValueError(f"align payload name {key!r} is not '<batch>/<name>'")
+        out.setdefault(int(batch), {})[name] = value
+    return dict(sorted(out.items()))
+
+
+def contrastive_objective(
+    loss: str,
+    protocol: str,
+    z: Tensor,
+    payload: Mapping[str, Tensor],
+    tau: float,
+    tau_prev: float,
+) -> tuple[Tensor, float]:
+    """The objective to back-propagate for one public batch, and the loss value to report.
+
+    Parameters
+    ----------
+    loss : {"muscle", "infonce", "gram"}
+        ``infonce`` is the Muscle loss with ``tau_prev = tau`` (γ = 0), i.e. the sum of pairwise
+        InfoNCE terms, in every protocol; ``gram`` needs the ``peers`` protocol.
+    protocol : {"peers", "targets", "gradient"}
+        How the server's payload was built.
+    z : Tensor
+        ``[B, d]`` normalised representations, attached to the model.
+    payload : mapping
+        The server's tensors for this batch.
+    tau, tau_prev : float
+        τ^(N) and τ^(N−1).
+
+    Returns
+    -------
+    objective, value
+        For ``gradient`` the objective is the surrogate ``Σ z ∘ grad`` and the value the
+        server's loss; otherwise both are the loss.
+    """
+    if loss == "gram":
+        if protocol != "peers":
+            raise ValueError(f"loss 'gram' needs protocol 'peers', got {protocol!r}")
+        peers = payload.get("peers")
+        if peers is None or peers.dim() != 3:
+            raise ValueError("gram payload needs 'peers' [M, B, d]")
+        value = gram_volume_loss(z, list(peers.to(z.dtype).unbind(0)), tau=GRAM_TAU)
+        return value, float(value.detach())
+    if loss == "infonce":
+        tau_prev = tau
+    objective = client_loss_from_payload(protocol, z, payload, tau, tau_prev)
+    if protocol == "gradient":
+        return objective, float(payload["loss"])
+    return objective, float(objective.detach())
+
+
+@functools.lru_cache(maxsize=4)
+def _public_view(
+    dataset_json: str,
+    seed: int,
+    root: str | None,
+    size: int,
+    batch_size: int,
+    modality: str,
+    image_size: int | None,
+) -> PublicDataset:
+    # Cached per process: building a source (COCO's annotation json) is slow and every
+    # contrastive message of every client in a simulation actor needs the same view.
+    source = dataset_source(DatasetConfig.model_validate_json(dataset_json), seed, root)
+    public = PublicDataset(source, size, batch_size, seed)
+    options: dict[str, Any] = {}
+    if modality == "image" and image_size != source.image_size:
+        options["image_size"] = image_size  # the client's model expects its own input size
+    return public.modality_view(modality, **options)
+
+
+def public_view(session: ClientSession) -> PublicDataset:
+    """The experiment's public dataset as this client sees it (its modality and image size).
+
+    Every client draws the same samples in the same order (seeded by the experiment seed);
+    a text client gets the captions of the samples image clients get as images.
+
+    Raises
+    ------
+    ValueError
+        If the experiment has no ``[public]`` section or the public dataset has no view in the
+        client's modality.
+    """
+    experiment = session.experiment
+    public = experiment.public
+    if public is None:
+        raise ValueError("fedmuscle needs a [public] dataset section")
+    cfg = experiment.datasets[public.dataset]
+    own = experiment.datasets[session.client.dataset]
+    # A SuperNode's data-dir overrides the root of the client's own dataset only.
+    root = session.data_root if public.dataset == session.client.dataset else None
+    return _public_view(
+        cfg.model_dump_json(),
+        experiment.seed,
+        root,
+        public.size,
+        public.batch_size,
+        DATASET_REGISTRY[own.kind].modality,
+        own.image_size,
+    )
+
+
+def public_batch(view: PublicDataset, epoch: int, batch: int) -> Tensor | list[str]:
+    """Inputs of public batch ``batch`` of ``epoch`` (images ``[B, 3, H, W]`` or captions).
+
+    Raises
+    ------
+    IndexError
+        If the epoch has no batch ``batch``.
+    """
+    positions = view.batch_indices(epoch)[batch]
+    inputs, _ = collate([view.samples[int(p)] for p in positions])
+    return inputs
+
+
+def aligned_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the contrastive step trains: encoder and projector (``w^n``)."""
+    return [
+        p
+        for name, p in model.named_parameters()
+        if name.startswith(ALIGNED_GROUPS) and p.requires_grad
+    ]
+
+
+def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """The optimiser's per-parameter state as flat tensors ``"<param index>.<name>"``.
+
+    Hyper-parameters (``param_groups``) are rebuilt from the config, so only state is kept.
+    """
+    out: dict[str, Tensor] = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            if isinstance(value, Tensor):
+                out[f"{index}.{name}"] = value.detach().clone()
+            elif isinstance(value, int | float):
+                out[f"{index}.{name}"] = torch.tensor(float(value))
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str, Tensor]) -> None:
+    """Inverse of :func:`optimizer_state_tensors` on an optimiser over the same parameters."""
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(
+        {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
+    )
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block under a fixed torch RNG (dropout masks), restoring the RNG afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _normalised_representation(model: MultiTaskModel, inputs: Any, device: torch.device) -> Tensor:
+    with autocast(device):
+        projected = model.project(model.features(inputs))
+    return F.normalize(projected.float(), dim=-1)
+
+
+@register_client_algorithm("fedmuscle")
+class FedMuscleClient(ClientAlgorithm):
+    """FedMuscle's client side: local training that shares nothing, then the contrastive phase.
+
+    The contrastive phase runs through :meth:`represent` and :meth:`align` (module docstring).
+    """
+
+    def after_training(
+        self,
+        model: nn.Module,
+        received: Mapping[str, Tensor],
+        extras: dict[str, dict[str, Tensor]],
+        round_: int,
+        config: Mapping[str, Any],
+    ) -> dict[str, float]:
+        """Drop the previous round's contrastive optimiser state."""
+        extras.pop(OPTIMIZER_EXTRA, None)
+        return {}
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _seed(self, round_: int, epoch: int, batch: int) -> int:
+        session = self.session
+        return derive_seed(
+            session.experiment.seed, session.client_id, "contrastive", round_, epoch, batch
+        )
+
+    def _represent_batches(
+        self, model: MultiTaskModel, round_: int, epoch: int, batches: Sequence[int]
+    ) -> dict[str, Tensor]:
+        """``Z_b`` of each batch with the model as it is, leaving its buffers untouched."""
+        session, view = self.session, public_view(self.session)
+        saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+        model.train()  # the same mode as the step that will recompute Z_b
+        out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for batch in batches:
+                inputs = to_device(public_batch(view, epoch, batch), session.device)
+                with seeded(self._seed(round_, epoch, batch), session.device):
+                    z = _normalised_representation(model, inputs, session.device)
+                out[representation_key(batch)] = z.cpu()
+            for name, buffer in model.named_buffers():
+                buffer.copy_(saved[name])
+        return out
+
+    def _request(self, config: Mapping[str, Any]) -> tuple[int, list[int]] | None:
+        if REPRESENT_EPOCH not in config:
+            return None
+        batches = config.get(REPRESENT_BATCHES, [])
+        return int(config[REPRESENT_EPOCH]), [int(b) for b in batches]
+
+    # -- message handlers --------------------------------------------------------------
+
+    def represent(self, round_: int, config: Mapping[str, Any]) -> TrainOutcome:
+        """Handle ``query.represent``: ``Z_b`` of the requested public batches.
+
+        Raises
+        ------
+        ValueError
+            If the message has no represent request.
+        """
+        start = time.perf_counter()
+        request = self._request(config)
+        if request is None:
+            raise ValueError(f"represent message lacks {REPRESENT_EPOCH!r}")
+        model, _, _ = self.session.load(round_)
+        arrays = self._represent_batches(model, round_, *request)
+        metrics: dict[str, float | int] = {
+            NUM_EXAMPLES: sum(int(z.shape[0]) for z in arrays.values()),
+            "represent/seconds": time.perf_counter() - start,
+        }
+        return TrainOutcome(arrays=arrays, metrics=metrics)
+
+    def align(
+        self, round_: int, received: Mapping[str, Tensor], config: Mapping[str, Any]
+    ) -> TrainOutcome:
+        """Handle ``train.align``: one step per payload batch, then any represent request.
+
+        Raises
+        ------
+        FloatingPointError
+            If a contrastive loss is not finite (the reply must not carry poisoned state).
+        """
+        start = time.perf_counter()
+        session, hyper = self.session, self.hyper
+        payloads = split_payloads(received)
+        request = self._request(config)
+        model, extras, _ = session.load(round_)
+        metrics: dict[str, float | int] = {NUM_EXAMPLES: 0, "align/steps": 0}
+        if payloads:
+            epoch = int(config[EPOCH])
+            training = session.client.training
+            lr = hyper.contrastive_lr or training.lr
+            params = aligned_parameters(model)
+            optimizer = make_optimizer(params, training.model_copy(update={"lr": lr}))
+            if OPTIMIZER_EXTRA in extras:
+                load_optimizer_state(optimizer, extras[OPTIMIZER_EXTRA])
+            view = public_view(session)
+            model.train()
+            losses = []
+            for batch, payload in payloads.items():
+                inputs = to_device(public_batch(view, epoch, batch), session.device)
+                with seeded(self._seed(round_, epoch, batch), session.device):
+                    z = _normalised_representation(model, inputs, session.device)
+                payload = {k: v.to(session.device) for k, v in payload.items()}
+                objective, value = contrastive_objective(
+                    hyper.loss, hyper.protocol, z, payload, hyper.tau, hyper.tau_prev
+                )
+                if not torch.isfinite(objective.detach()).all():
+                    raise FloatingPointError(f"contrastive loss became {value} at batch {batch}")
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                if training.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(params, training.grad_clip)
+                optimizer.step()
+                losses.append(value)
+                metrics[NUM_EXAMPLES] = int(metrics[NUM_EXAMPLES]) + int(z.shape[0])
+            extras[OPTIMIZER_EXTRA] = optimizer_state_tensors(optimizer)
+            session.save(round_, model, extras)
+            metrics["align/steps"] = len(losses)
+            metrics["align/loss"] = sum(losses) / len(losses)
+        arrays = self._represent_batches(model, round_, *request) if request else {}
+        metrics["align/seconds"] = time.perf_counter() - start
+        return TrainOutcome(arrays=arrays, metrics=metrics)
+
+
+def fedmuscle_client(session: ClientSession) -> FedMuscleClient:
+    """The FedMuscle client of a session.
+
+    Raises
+    ------
+    ValueError
+        If the experiment's algorithm is not fedmuscle.
+    """
+    name = session.experiment.algorithm.name
+    if name != "fedmuscle":
+        raise ValueError(f"FedMuscle messages reached a client of algorithm {name!r}")
+    return FedMuscleClient(session)

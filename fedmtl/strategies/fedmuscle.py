@@ -1,0 +1,340 @@
+"""FedMuscle server: representation exchange on a public dataset, contrastive payloads from M peers.
+
+A round (spec/fedmuscle.md §2): the ordinary ``train`` phase (E local epochs on each client's
+tasks; no weights are shared), then ``contrastive_epochs`` passes over the ``[public]`` dataset.
+For public batch ``b`` the server draws M = ``num_peers`` peers for every client with
+:func:`draw_peers` (seeded by experiment seed, round and the batch's number within the round,
+re-drawn for every batch), builds each client's payload with :func:`client_payload`, and the
+client takes one step on its encoder and projector (``fedmtl.clients.fedmuscle``; wire format
+there). Clients are then evaluated as usual.
+
+Schedules (``schedule``):
+
+- ``epoch``: per contrastive epoch, one ``query.represent`` (each client sends ``Z_b`` of every
+  public batch) and one ``train.align`` carrying every batch's payload, built from those
+  epoch-start matrices; the client steps through the batches. Peers are up to one epoch stale.
+  With ``peers``/``targets`` the anchor term uses the client's current ``Z_b``; with ``gradient``
+  the server differentiates at the epoch-start ``Z_b``, so it equals the other two only when the
+  epoch has one batch. 2·T exchanges per round.
+- ``batch`` (the paper): one synchronous exchange per public batch. A ``query.represent`` asks
+  for ``Z`` of the first batch; then the ``train.align`` of batch ``k`` carries its payload and
+  asks for ``Z`` of batch ``k + 1`` (across epoch boundaries), which the client computes after its
+  step. Every payload is built from matrices of the current weights, and the three protocols
+  give the same updates. T·|D|/B + 1 exchanges per round.
+
+Protocols (``protocol``) and what they reveal, per client per public batch. Uplink in all of
+them: ``Z^n`` (``B·d`` floats) to the server, which therefore sees every client's
+representations of the public data (never weights or private data). Downlink bytes are
+``payload_bytes(protocol, B, d, M)``; fp32, B = 32, d = 128:
+
+==========  ==================================  ==============  ==============  =============
+protocol    the client receives                 M = 1           M = 2           M = 3
+==========  ==================================  ==============  ==============  =============
+peers       the M peers' ``Z^m`` (anonymous)     16,384 B        32,768 B        49,152 B
+targets     ``Z^m/τ`` and ``−γ Z^m Z^m'ᵀ``       16,384 B        36,864 B        61,440 B
+gradient    ``∂L^n/∂Z^n`` and ``L^n``            16,388 B        16,388 B        16,388 B
+==========  ==================================  ==============  ==============  =============
+
+``peers`` and ``targets`` disclose the peers' public-data representations (``targets`` is the
+exact factorised form of the paper's ``S^n``/``α^n``, which disclose the same; the paper's
+materialised form would cost ``B^M·(d+1)`` floats). ``gradient`` discloses only a mixture of
+peer rows; the server then evaluates the loss itself (the exact factorised Muscle loss: per
+client and public batch, time O(M²·B²·d + B^{M+1}) and memory O(M²·B² + B^M); no ``B^M × d``
+tensor is ever built, in any protocol). ``loss = "infonce"`` is the Muscle loss with
+``tau_prev = tau`` (pairwise InfoNCE) in every protocol; ``loss = "gram"`` (GRAM's τ = 0.07)
+needs the raw peer vectors and hence ``protocol = "peers"`` (checked at construction).
+
+Validation and drop-outs: a representation reply must carry exactly the requested ``z/<b>``
+as finite float32 ``[B_b, d]``. A reply that fails (NaN, wrong shape) is logged and the client
+is left out of that batch (``batch`` schedule) or that contrastive epoch (``epoch``): it gets
+no payload and is nobody's peer there, but is asked again for the next one. A client that does
+not answer at all (error, timeout) is left out for the rest of the round's contrastive phase,
+so a dead node costs one timeout, not one per batch. Peers are drawn among the clients with a
+valid representation of the batch: a peer that dropped out is **replaced** by another
+available client when enough remain, and the batch **proceeds with fewer peers** (the Muscle
+loss holds for any M ≥ 1) when fewer than M others are available; a client alone skips the
+batch. Clients whose ``train`` reply failed sit out the round's contrastive phase.
+
+State: peers are a pure function of seed, round and batch, so the server keeps nothing beyond
+the round number; clients keep model and optimiser state in their versioned personal state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import RecordDict
+from torch import Tensor
+
+from fedmtl.aggregation.muscle_targets import client_payload, draw_peers, payload_bytes
+from fedmtl.clients.fedmuscle import (
+    EPOCH,
+    REPRESENT_BATCHES,
+    REPRESENT_EPOCH,
+    payload_key,
+    representation_key,
+)
+from fedmtl.config import Experiment
+from fedmtl.messages import ALIGN, REPRESENT, ReplyError, TensorSpec, make_content, validate_tensors
+from fedmtl.strategies.base import ClientInfo, Reply, Strategy, register_strategy
+from fedmtl.strategies.loop import FederatedLoop
+
+log = logging.getLogger("fedmtl.server")
+
+Representations = dict[str, Tensor]  # client id → Z_b of one public batch
+
+
+@dataclass
+class ContrastiveRound:
+    """Book-keeping of one round's contrastive phase."""
+
+    loop: FederatedLoop
+    round: int
+    members: list[str]  # clients whose train reply was good, in experiment order
+    active: set[str]  # members that still answer
+    loss_sum: float = 0.0
+    steps: int = 0
+    exchanges: int = 0
+    payloads: int = 0
+    left_out: list[str] = field(default_factory=list)
+
+
+@register_strategy("fedmuscle")
+class FedMuscle(Strategy):
+    """The FedMuscle round: local training, then the contrastive phase (module docstring)."""
+
+    def __init__(self, experiment: Experiment) -> None:
+        super().__init__(experiment)
+        hyper = self.hyper
+        if experiment.public is None:
+            raise ValueError("public: fedmuscle needs a [public] dataset section")
+        if hyper.loss == "gram" and hyper.protocol != "peers":
+            raise ValueError(
+                f"algorithm.protocol: loss 'gram' needs the peers' vectors, so protocol 'peers' "
+                f"(got {hyper.protocol!r})"
+            )
+        size, batch = experiment.public.size, experiment.public.batch_size
+        # PublicDataset cuts each epoch's permutation into consecutive chunks of batch_size.
+        self.batch_sizes = [min(batch, size - start) for start in range(0, size, batch)]
+        self.tau_prev = hyper.tau if hyper.loss == "infonce" else hyper.tau_prev
+
+    # -- numbering ---------------------------------------------------------------------
+
+    def public_epoch(self, round_: int, epoch: int) -> int:
+        """Global public-epoch index of contrastive epoch ``epoch`` of ``round_`` (its order)."""
+        return (round_ - 1) * self.hyper.contrastive_epochs + epoch
+
+    def batch_number(self, epoch: int, batch: int) -> int:
+        """The batch's number within the round, the ``batch`` that seeds :func:`draw_peers`."""
+        return epoch * len(self.batch_sizes) + batch
+
+    def representation_spec(self, batch: int) -> TensorSpec:
+        """Shape and dtype of ``Z_b``."""
+        return TensorSpec((self.batch_sizes[batch], self.hyper.projector_dim), "float32")
+
+    # -- the round ---------------------------------------------------------------------
+
+    def run_round(self, loop: FederatedLoop, round_: int, clients: list[ClientInfo]) -> None:
+        """Local training, then ``contrastive_epochs`` passes over the public dataset."""
+        replies = loop.train_phase(round_, clients)
+        members = [c.client_id for c in clients if c.client_id in replies]
+        state = ContrastiveRound(loop, round_, members, set(members))
+        if len(members) < 2:
+            log.warning(
+                "[ROUND %d] contrastive phase skipped: %d client(s) trained", round_, len(members)
+            )
+        elif self.hyper.schedule == "epoch":
+            self._epoch_schedule(state)
+        else:
+            self._batch_schedule(state)
+        loop.record_server(round_, self._metrics(state))
+
+    def _epoch_schedule(self, state: ContrastiveRound) -> None:
+        all_batches = list(range(len(self.batch_sizes)))
+        for epoch in range(self.hyper.contrastive_epochs):
+            if len(state.active) < 2:
+                break
+            public_epoch = self.public_epoch(state.round, epoch)
+            reps = self._represent(state, public_epoch, all_batches)
+            payloads: dict[str, dict[str, Tensor]] = {}
+            for batch in all_batches:
+                batch_reps = {c: z[batch] for c, z in reps.items()}
+                built = self._payloads(state, self.batch_number(epoch, batch), batch_reps)
+                for anchor, tensors in built.items():
+                    named = {payload_key(batch, k): v for k, v in tensors.items()}
+                    payloads.setdefault(anchor, {}).update(named)
+            if payloads:
+                self._align(state, public_epoch, payloads, request=None)
+
+    def _batch_schedule(self, state: ContrastiveRound) -> None:
+        batches = range(len(self.batch_sizes))
+        items = [(e, b) for e in range(self.hyper.contrastive_epochs) for b in batches]
+        first_epoch, first_batch = items[0]
+        reps = {
+            c: z[first_batch]
+            for c, z in self._represent(
+                state, self.public_epoch(state.round, first_epoch), [first_batch]
+            ).items()
+        }
+        for index, (epoch, batch) in enumerate(items):
+            if len(state.active) < 2:
+                break
+            built = self._payloads(state, self.batch_number(epoch, batch), reps)
+            payloads = {
+                anchor: {payload_key(batch, k): v for k, v in tensors.items()}
+                for anchor, tensors in built.items()
+            }
+            request = None
+            if index + 1 < len(items):
+                next_epoch, next_batch = items[index + 1]
+                request = (self.public_epoch(state.round, next_epoch), next_batch)
+            replies = self._align(state, self.public_epoch(state.round, epoch), payloads, request)
+            if request is not None:
+                reps = {c: z[request[1]] for c, z in replies.items()}
+
+    # -- phases ------------------------------------------------------------------------
+
+    def _exchange(
+        self,
+        state: ContrastiveRound,
+        phase: str,
+        message_type: str,
+        contents: Mapping[str, RecordDict],
+        expected: Mapping[str, Mapping[str, TensorSpec]],
+    ) -> dict[str, Reply]:
+        """``loop.exchange`` with representation checks; drops clients that did not answer."""
+        rejected: set[str] = set()
+
+        def validate(client: ClientInfo, reply: Reply) -> None:
+            try:
+                validate_tensors(
+                    reply.arrays, expected[client.client_id], client_id=client.client_id
+                )
+            except ReplyError:
+                rejected.add(client.client_id)  # it answered: ask it again next time
+                raise
+
+        replies = state.loop.exchange(state.round, phase, message_type, contents, validate)
+        state.exchanges += 1
+        lost = sorted(set(contents) - set(replies) - rejected)
+        if lost:
+            log.warning(
+                "[ROUND %d] %s: %s left out for the rest of the contrastive phase",
+                state.round,
+                phase,
+                lost,
+            )
+            state.active.difference_update(lost)
+            state.left_out.extend(lost)
+        return replies
+
+    def _represent(
+        self, state: ContrastiveRound, public_epoch: int, batches: Sequence[int]
+    ) -> dict[str, dict[int, Tensor]]:
+        """``query.represent`` to every active client: ``{client: {b: Z_b}}`` of good replies."""
+        clients = [c for c in state.members if c in state.active]
+        # ConfigRecord values may be lists of ints (make_content's annotation omits them).
+        config: dict[str, Any] = {REPRESENT_EPOCH: public_epoch, REPRESENT_BATCHES: list(batches)}
+        contents = {
+            c: make_content({**state.loop.base_config(state.round, c), **config}) for c in clients
+        }
+        expected = {
+            c: {representation_key(b): self.representation_spec(b) for b in batches}
+            for c in clients
+        }
+        replies = self._exchange(state, "represent", REPRESENT, contents, expected)
+        return {
+            c: {b: reply.arrays[representation_key(b)] for b in batches}
+            for c, reply in replies.items()
+        }
+
+    def _payloads(
+        self, state: ContrastiveRound, batch_number: int, reps: Representations
+    ) -> dict[str, dict[str, Tensor]]:
+        """Each anchor's payload for one public batch, from the valid representations."""
+        hyper = self.hyper
+        draws = draw_peers(
+            state.members,
+            hyper.num_peers,
+            seed=self.experiment.seed,
+            round=state.round,
+            batch=batch_number,
+            available=reps.keys(),
+        )
+        out: dict[str, dict[str, Tensor]] = {}
+        for anchor in sorted(reps):
+            peers = draws[anchor]
+            if not peers:
+                log.info(
+                    "[ROUND %d] batch %d: %s has no peer, skips it",
+                    state.round,
+                    batch_number,
+                    anchor,
+                )
+                continue
+            out[anchor] = client_payload(
+                hyper.protocol, anchor, reps, peers, hyper.tau, self.tau_prev
+            )
+        state.payloads += len(out)
+        return out
+
+    def _align(
+        self,
+        state: ContrastiveRound,
+        public_epoch: int,
+        payloads: Mapping[str, Mapping[str, Tensor]],
+        request: tuple[int, int] | None,
+    ) -> dict[str, dict[int, Tensor]]:
+        """``train.align`` with each client's payloads (and a represent request, if any).
+
+        Every active client is addressed when there is a request (it must send its next
+        ``Z``), else only those with a payload. Returns the requested ``Z`` of good replies.
+        """
+        clients = [
+            c for c in state.members if c in state.active and (request is not None or c in payloads)
+        ]
+        contents = {}
+        expected: dict[str, dict[str, TensorSpec]] = {}
+        for client in clients:
+            config: dict[str, Any] = {
+                **state.loop.base_config(state.round, client),
+                EPOCH: public_epoch,
+            }
+            expected[client] = {}
+            if request is not None:
+                config.update({REPRESENT_EPOCH: request[0], REPRESENT_BATCHES: [request[1]]})
+                expected[client] = {
+                    representation_key(request[1]): self.representation_spec(request[1])
+                }
+            contents[client] = make_content(config, dict(payloads.get(client, {})))
+        replies = self._exchange(state, "align", ALIGN, contents, expected)
+        for reply in replies.values():
+            steps = int(reply.metrics.get("align/steps", 0))
+            if steps:
+                state.loss_sum += float(reply.metrics["align/loss"]) * steps
+                state.steps += steps
+        if request is None:
+            return {}
+        key = representation_key(request[1])
+        return {c: {request[1]: reply.arrays[key]} for c, reply in replies.items()}
+
+    def _metrics(self, state: ContrastiveRound) -> dict[str, float]:
+        """Server metrics of the round (timings are in each row's ``seconds/<phase>``)."""
+        hyper = self.hyper
+        full_batch = self.batch_sizes[0]
+        metrics = {
+            "fedmuscle/clients": float(len(state.members)),
+            "fedmuscle/exchanges": float(state.exchanges),
+            "fedmuscle/payloads": float(state.payloads),
+            "fedmuscle/steps": float(state.steps),
+            "fedmuscle/downlink_bytes_per_batch": float(
+                payload_bytes(hyper.protocol, full_batch, hyper.projector_dim, hyper.num_peers)
+            ),
+            "fedmuscle/left_out": float(len(state.left_out)),
+        }
+        if state.steps:
+            metrics["fedmuscle/align_loss"] = state.loss_sum / state.steps
+        return metrics
