@@ -6,7 +6,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: demo test test-slow lint typecheck clean
+.PHONY: demo test test-slow test-deploy lint typecheck clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,10 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --ignore=tests/test_deploy_e2e.py
+
+test-deploy: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m slow tests/test_deploy_e2e.py
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check fedmtl tests benchmarks

@@ -122,7 +122,11 @@ def main() -> None:
     args = parser.parse_args()
     for key in ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK"):
         os.environ.setdefault(key, "0" if "TELEMETRY" in key else "1")
-    experiment = load_experiment(args.config).model_copy(update={"rounds": args.rounds})
+    # A generous phase timeout: with one actor the clients train one after another, and a
+    # client left out by a timeout would change the work being compared.
+    experiment = load_experiment(args.config).model_copy(
+        update={"rounds": args.rounds, "round_timeout": 7200.0}
+    )
     # One client at a time in both modes, so the comparison is of framework cost, not of
     # parallelism: Flower runs one actor with all cores, the plain loop uses all cores too.
     cpus = os.cpu_count() or 1

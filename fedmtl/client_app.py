@@ -28,6 +28,7 @@ from fedmtl.messages import (
     make_reply_content,
     specs_to_json,
 )
+from fedmtl.seeding import derive_seed
 
 log = logging.getLogger("fedmtl.client")
 app = ClientApp()
@@ -86,6 +87,10 @@ def open_session(msg: Message, context: Context) -> tuple[ClientSession, dict[st
         threads = experiment.simulation.num_cpus_per_client
     if threads:
         torch.set_num_threads(threads)
+    # Dropout, stochastic depth and random augmentations draw from torch's global RNG: seed it
+    # per (client, round, message) so runs repeat exactly and a resumed run matches.
+    round_ = int(str(config.get(SERVER_ROUND, 0)))
+    torch.manual_seed(derive_seed(experiment.seed, client_id, round_, msg.metadata.message_type))
     return ClientSession(experiment, client_id, state_dir, data_root), config
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from importlib.metadata import version
 
-from fedmtl import __version__
 from fedmtl.deploy.commands import SUPERLINK_PORT, DeploySettings, build_plan
 
+FEDMTL_VERSION = version("fedmtl")
 BASE_IMAGE = "pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime"
 # Container layout (docker/Dockerfile): user app (uid 49999), HOME and WORKDIR /app.
 CERTS, KEYS, STATE, DATA, RUNS = (
@@ -109,7 +110,7 @@ def render_compose(
         "#   docker compose up -d superlink          # then register the node keys (README)",
         "#   docker compose up -d                    # every SuperNode",
         "x-fedmtl: &fedmtl",
-        f"  image: {_env('FEDMTL_IMAGE', f'fedmtl:{__version__}')}",
+        f"  image: {_env('FEDMTL_IMAGE', f'fedmtl:{FEDMTL_VERSION}')}",
         "  build:",
         f"    context: {_q(context)}",
         "    dockerfile: docker/Dockerfile",
@@ -174,7 +175,7 @@ def render_env(
         "# Copy to .env beside compose.yml and adjust. Host paths are relative to this folder;",
         "# certificates, keys and state must be owned by uid 49999 (the containers' user).",
         f"COMPOSE_PROJECT_NAME={project_name(experiment_name)}",
-        f"FEDMTL_IMAGE=fedmtl:{__version__}",
+        f"FEDMTL_IMAGE=fedmtl:{FEDMTL_VERSION}",
         f"BASE_IMAGE={BASE_IMAGE}",
         f"SUPERLINK_PORT={SUPERLINK_PORT}",
         "CERTS_DIR=./certificates",
