@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-draw a finished run's table and plots")
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
+
+    from fedmtl.deploy.cli import add_deploy_parser
+
+    add_deploy_parser(sub)
     return parser
 
 
