@@ -328,7 +328,6 @@ def docker_commands(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     """``deploy commands`` with the container paths the README gives for compose."""
     argv = [
         "commands", "--experiment", str(QUICKSTART),
-        "--run-experiment", "configs/quickstart.toml",
         "--superlink", "superlink:8000", "--certs", "/app/certificates", "--keys", "/app/keys",
         "--state-root", "/app/state", "--data-dir", "/data", "--devices", "cuda:0",
         "--format", "json",
@@ -357,9 +356,7 @@ def test_committed_compose_file_is_what_the_generator_writes() -> None:
     experiment = load_experiment(QUICKSTART, check_data=False)
     clients = [c.client_id for c in experiment.clients]
     # the bundled digits take no data directory
-    expected = compose_module.render_compose(
-        experiment.name, clients, "configs/quickstart.toml", data=False
-    )
+    expected = compose_module.render_compose(experiment.name, clients, data=False)
     assert (DOCKER / "compose.yml").read_text() == expected, (
         "docker/compose.yml is stale: fedmtl deploy compose --experiment configs/quickstart.toml "
         "--out docker"
@@ -404,7 +401,7 @@ def test_compose_services_run_the_deploy_commands(capsys: pytest.CaptureFixture[
 
 
 def test_compose_gpu_assignment_and_cpu_variant() -> None:
-    text = compose_module.render_compose("e", ["x", "y", "z"], "e.toml", gpus=["0", "1"])
+    text = compose_module.render_compose("e", ["x", "y", "z"], gpus=["0", "1"])
     services = yaml.safe_load(text)["services"]
     ids = [
         services[f"supernode-{c}"]["deploy"]["resources"]["reservations"]["devices"][0][
@@ -417,7 +414,7 @@ def test_compose_gpu_assignment_and_cpu_variant() -> None:
     assert "GPU_NODE_2=0" in env.splitlines()
     assert services["supernode-x"]["command"][-1].endswith("data-dir='/data' device='cuda:0'")
     assert "${DATA_DIR:-./data}:/data:ro" in services["supernode-x"]["volumes"]
-    cpu = yaml.safe_load(compose_module.render_compose("e", ["x"], "e.toml", cpu=True))
+    cpu = yaml.safe_load(compose_module.render_compose("e", ["x"], cpu=True))
     node = cpu["services"]["supernode-x"]
     assert "deploy" not in node and "device='cpu'" in node["command"][-1]
 

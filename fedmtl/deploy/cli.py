@@ -115,20 +115,12 @@ def cmd_compose(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     clients = [c.client_id for c in experiment.clients]
     gpus = _split(args.gpus) or ["0"]
-    run_experiment = args.run_experiment or args.experiment
+    data = needs_data_dir(experiment)
     compose = render_compose(
-        experiment.name,
-        clients,
-        run_experiment,
-        gpus=gpus,
-        cpu=args.cpu,
-        context=args.context,
-        data=needs_data_dir(experiment),
+        experiment.name, clients, gpus=gpus, cpu=args.cpu, context=args.context, data=data
     )
     (out / "compose.yml").write_text(compose, encoding="utf-8")
-    env = render_env(
-        experiment.name, clients, gpus=gpus, cpu=args.cpu, data=needs_data_dir(experiment)
-    )
+    env = render_env(experiment.name, clients, gpus=gpus, cpu=args.cpu, data=data)
     (out / ".env.example").write_text(env, encoding="utf-8")
     print(f"wrote {out / 'compose.yml'} ({len(clients)} SuperNodes) and {out / '.env.example'}")
     return 0
@@ -215,7 +207,6 @@ def add_deploy_parser(
     comp.add_argument("--gpus", action="append", help="host GPU indices in turn (default 0)")
     comp.add_argument("--cpu", action="store_true", help="no GPU reservations")
     comp.add_argument("--context", default="..", help="build context relative to --out")
-    comp.add_argument("--run-experiment", help="experiment path as the ServerApp opens it")
     comp.set_defaults(func=_guarded(cmd_compose))
     return deploy
 

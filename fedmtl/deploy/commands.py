@@ -32,9 +32,11 @@ class DeploySettings:
     superlink : str
         ``HOST:PORT`` at which SuperNodes and the ``flwr`` CLI reach the SuperLink.
     certs_dir : str
-        Directory with ``ca.crt`` (every machine) and ``server.pem``/``server.key`` (server).
+        Directory with ``ca.crt`` (every machine) and ``server.pem``/``server.key`` (server);
+        required unless ``insecure``.
     keys_dir : str
-        Directory with ``<client_id>`` private keys and ``<client_id>.pub`` public keys.
+        Directory with ``<client_id>`` private keys and ``<client_id>.pub`` public keys;
+        required unless ``insecure``.
     experiment : str
         The experiment file, as the ServerApp should open it (relative: inside the app dir).
     state_root : str

@@ -21,7 +21,7 @@ CERTS, KEYS, STATE, DATA, RUNS = (
 )
 
 
-def docker_settings(experiment: str, *, cpu: bool = False, data: bool = True) -> DeploySettings:
+def docker_settings(*, cpu: bool = False, data: bool = True) -> DeploySettings:
     """The deployment settings inside the containers (paths of the compose volumes).
 
     Each SuperNode container sees only its reserved GPU, as ``cuda:0``; ``cpu`` runs every
@@ -31,7 +31,6 @@ def docker_settings(experiment: str, *, cpu: bool = False, data: bool = True) ->
         superlink=f"superlink:{SUPERLINK_PORT}",
         certs_dir=CERTS,
         keys_dir=KEYS,
-        experiment=experiment,
         state_root=STATE,
         data_dir=DATA if data else None,
         devices=("cpu",) if cpu else ("cuda:0",),
@@ -67,7 +66,6 @@ def _mount(host: str, container: str, read_only: bool = False) -> str:
 def render_compose(
     experiment_name: str,
     client_ids: Sequence[str],
-    experiment: str,
     *,
     gpus: Sequence[str] = ("0",),
     cpu: bool = False,
@@ -82,8 +80,6 @@ def render_compose(
         For the header comment.
     client_ids : sequence of str
         One ``supernode-<client_id>`` service each, in file order.
-    experiment : str
-        Experiment path for ``flwr run`` (relative to the app directory).
     gpus : sequence of str
         Host GPU indices assigned to the clients in turn (the ``.env`` defaults).
     cpu : bool
@@ -100,7 +96,7 @@ def render_compose(
         The YAML document; its commands are exactly those of ``fedmtl deploy commands`` with
         :func:`docker_settings`.
     """
-    settings = docker_settings(experiment, cpu=cpu, data=data)
+    settings = docker_settings(cpu=cpu, data=data)
     plan = build_plan(settings, client_ids, experiment_name)
     certs = _env("CERTS_DIR", "./certificates")
     keys, state = _env("KEYS_DIR", "./keys"), _env("STATE_DIR", "./state")
