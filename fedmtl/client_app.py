@@ -1,4 +1,10 @@
-"""Flower ClientApp: parse the message, find this node's client, dispatch to its algorithm."""
+"""Flower ClientApp: parse the message, find this node's client, dispatch to its algorithm.
+
+Node config keys (``flower-supernode --node-config``): ``client-id``, ``state-dir``,
+``data-dir``, ``device`` (e.g. ``'cuda:1'``), ``num-threads`` and ``stream-ca`` (a CA file
+for FedMuscle's stream; default: the CA the server announces). In simulation only
+``partition-id`` is set and the rest comes from the experiment.
+"""
 
 from __future__ import annotations
 
@@ -78,6 +84,7 @@ def open_session(msg: Message, context: Context) -> tuple[ClientSession, dict[st
     else:
         raise ValueError("no state directory: set state-dir in the node config")
     data_root = str(node_config["data-dir"]) if "data-dir" in node_config else None
+    stream_ca = str(node_config["stream-ca"]) if "stream-ca" in node_config else None
     if "device" in node_config:  # a SuperNode pins its own GPU: --node-config "device='cuda:1'"
         experiment = experiment.model_copy(update={"device": str(node_config["device"])})
     threads = int(node_config.get("num-threads", 0) or 0)
@@ -91,7 +98,7 @@ def open_session(msg: Message, context: Context) -> tuple[ClientSession, dict[st
     # per (client, round, message) so runs repeat exactly and a resumed run matches.
     round_ = int(str(config.get(SERVER_ROUND, 0)))
     torch.manual_seed(derive_seed(experiment.seed, client_id, round_, msg.metadata.message_type))
-    return ClientSession(experiment, client_id, state_dir, data_root), config
+    return ClientSession(experiment, client_id, state_dir, data_root, stream_ca), config
 
 
 def _received(msg: Message) -> dict[str, torch.Tensor]:

@@ -121,6 +121,21 @@ class FedMuscleConfig(Strict):
     schedule: Literal["batch", "epoch"] = "epoch"
     contrastive_epochs: int = Field(1, ge=1)
     contrastive_lr: float | None = Field(None, gt=0)
+    # "stream": the batch schedule over fedmtl's own gRPC stream (fedmtl.stream), one
+    # exchange per public batch in milliseconds instead of a Flower round-trip in seconds.
+    channel: Literal["flower", "stream"] = "flower"
+    stream_port: int = Field(9100, ge=0, le=65535)  # 0: any free port; run config may override
+    batch_deadline: float = Field(30.0, gt=0)  # seconds a step waits for representations
+    connect_deadline: float = Field(120.0, gt=0)  # step 0: ClientApps start and connect
+
+    @model_validator(mode="after")
+    def _stream_needs_batch_schedule(self) -> FedMuscleConfig:
+        if self.channel == "stream" and self.schedule != "batch":
+            raise ValueError(
+                "channel 'stream' carries the per-batch schedule: set schedule = \"batch\" "
+                f"(got {self.schedule!r}; the epoch schedule needs no stream)"
+            )
+        return self
 
 
 AlgorithmConfig = Annotated[

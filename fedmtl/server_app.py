@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -26,11 +28,18 @@ def run_experiment(
     resume: bool = False,
     observer: Observer | None = None,
     state_root: str | None = None,
+    run_config: Mapping[str, Any] | None = None,
 ) -> RunDirectory:
     """Run every round of ``experiment`` over ``grid``, then write summary.json and plots."""
     strategy = create_strategy(experiment)
     loop = FederatedLoop(
-        grid, experiment, strategy, run_dir, observer=observer, state_root=state_root
+        grid,
+        experiment,
+        strategy,
+        run_dir,
+        observer=observer,
+        state_root=state_root,
+        run_config=run_config,
     )
     loop.run(resume=resume)
     summarize(run_dir)
@@ -72,7 +81,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run`` (run config keys: experiment, output-dir, resume)."""
+    """Entry point for ``flwr run``.
+
+    Run config keys: ``experiment``, ``output-dir``, ``resume``, and FedMuscle's stream
+    settings ``stream-address`` (``host[:port]`` clients connect to), ``stream-bind``,
+    ``stream-port``, ``stream-certfile``, ``stream-keyfile``, ``stream-ca-certfile``.
+    """
     config = context.run_config
     resume_dir = str(config.get("resume", "") or "")
     if resume_dir:
@@ -84,4 +98,4 @@ def main(grid: Grid, context: Context) -> None:
         )
         run_dir = RunDirectory.create(str(config.get("output-dir", "runs")), experiment)
     log.info("fedmtl run folder: %s", run_dir.path)
-    run_experiment(grid, experiment, run_dir, resume=bool(resume_dir))
+    run_experiment(grid, experiment, run_dir, resume=bool(resume_dir), run_config=config)

@@ -7,7 +7,7 @@ import os
 import warnings
 from typing import Any
 
-from fedmtl.config import Experiment
+from fedmtl.config import Experiment, FedMuscleConfig
 from fedmtl.results import RunDirectory
 from fedmtl.strategies.loop import Observer
 
@@ -34,6 +34,8 @@ class _HideRunSimulationDeprecation(logging.Filter):
 def backend_config(experiment: Experiment) -> dict[str, Any]:
     """Ray resources: ``num_cpus_per_client`` and ``num_gpus_per_client`` per virtual node.
 
+    With FedMuscle's stream every client needs an actor at the same time (see the body).
+
     Raises
     ------
     RuntimeError
@@ -47,7 +49,18 @@ def backend_config(experiment: Experiment) -> dict[str, Any]:
             f"simulation.num_cpus_per_client={sim.num_cpus_per_client} exceeds the {cpus} CPUs "
             "of this machine: no client could be scheduled"
         )
-    init_args: dict[str, Any] = {"num_cpus": cpus, "logging_level": "ERROR", "log_to_driver": True}
+    clients = len(experiment.clients)
+    algorithm = experiment.algorithm
+    # FedMuscle's stream runs one synchronous exchange per public batch: every client must be
+    # in a ClientApp at the same time, so the actor pool must hold them all. Ray's CPU count is
+    # a logical budget; declaring more than the cores lets the clients share them.
+    concurrent = isinstance(algorithm, FedMuscleConfig) and algorithm.channel == "stream"
+    logical_cpus = max(cpus, clients * sim.num_cpus_per_client) if concurrent else cpus
+    init_args: dict[str, Any] = {
+        "num_cpus": logical_cpus,
+        "logging_level": "ERROR",
+        "log_to_driver": True,
+    }
     if sim.num_gpus_per_client > 0:
         import torch
 
@@ -56,6 +69,12 @@ def backend_config(experiment: Experiment) -> dict[str, Any]:
             raise RuntimeError(
                 f"simulation.num_gpus_per_client={sim.num_gpus_per_client} but no CUDA device "
                 "is visible; set it to 0 to run on CPU"
+            )
+        if concurrent and clients * sim.num_gpus_per_client > gpus + 1e-9:
+            raise RuntimeError(
+                f"simulation.num_gpus_per_client={sim.num_gpus_per_client}: FedMuscle's stream "
+                f"needs all {clients} clients at once but {gpus} GPU(s) hold only "
+                f"{int(gpus / sim.num_gpus_per_client)}; set it to at most {gpus / clients:.3g}"
             )
         init_args["num_gpus"] = gpus
     return {

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -46,6 +47,11 @@ class FakeGrid(Grid):
         Nodes get ids 101, 102, ... and ``partition-id`` 0, 1, ...
     node_configs : list of dict, optional
         Extra node-config keys per node (e.g. ``client-id``, ``state-dir``).
+    concurrent : collection of str
+        Message types whose messages the nodes handle at the same time, in threads, as real
+        nodes do (FedMuscle's stream phase: every client must be in its handler at once).
+        Other types are delivered one node after the other (model construction seeds torch's
+        global RNG, which threads would share).
     """
 
     def __init__(
@@ -54,11 +60,13 @@ class FakeGrid(Grid):
         num_nodes: int,
         node_configs: list[dict[str, Any]] | None = None,
         run_id: int = 7,
+        concurrent: Collection[str] = (),
     ) -> None:
         TaskIdentity.run_id = run_id
         TaskIdentity.node_id = 0
         TaskIdentity.task_id = 1
         self.client_app = client_app
+        self.concurrent = set(concurrent)
         self.contexts: dict[int, Context] = {}
         for index in range(num_nodes):
             node_id = 101 + index
@@ -95,13 +103,19 @@ class FakeGrid(Grid):
         return [n for n in self.contexts if n not in self.offline]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        messages = list(messages)
         ids = []
         for message in messages:
             message_id = f"m{next(self._ids)}-{uuid.uuid4().hex[:6]}"
             message.metadata.__dict__["_message_id"] = message_id
             self.sent.append(message)
             ids.append(message_id)
-            self.replies[message_id] = self._deliver(message)
+        if len(messages) > 1 and all(m.metadata.message_type in self.concurrent for m in messages):
+            with ThreadPoolExecutor(max_workers=len(messages)) as pool:
+                replies = list(pool.map(self._deliver, messages))
+        else:
+            replies = [self._deliver(m) for m in messages]
+        self.replies.update(zip(ids, replies, strict=True))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102

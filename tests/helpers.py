@@ -88,18 +88,23 @@ def run_in_process(
     run_dir: RunDirectory | None = None,
     resume: bool = False,
     observer: Any = None,
+    run_config: dict[str, Any] | None = None,
 ) -> tuple[RunDirectory, FakeGrid]:
     """Run ``experiment`` on a FakeGrid (one node per client) and return its run folder."""
     grid = grid or FakeGrid(client_app, len(experiment.clients))
     run_dir = run_dir or RunDirectory.create(out, experiment)
-    loop = FederatedLoop(grid, experiment, create_strategy(experiment), run_dir, observer=observer)
+    strategy = create_strategy(experiment)
+    loop = FederatedLoop(
+        grid, experiment, strategy, run_dir, observer=observer, run_config=run_config
+    )
     loop.run(resume=resume)
     return run_dir, grid
 
 
 def eval_rows(run_dir: RunDirectory) -> list[dict[str, Any]]:
-    """Rows with evaluation metrics, without timing fields (which differ between runs)."""
-    out = []
-    for row in run_dir.read_metrics():
-        out.append({k: v for k, v in row.items() if not k.startswith(("seconds", "train/seconds"))})
-    return out
+    """Rows with evaluation metrics, without timing fields (which differ between runs).
+
+    Timing fields are those with ``seconds`` in their name (``seconds/train``,
+    ``train/seconds``, ``server/fedmuscle/exchange_seconds_median``, ...).
+    """
+    return [{k: v for k, v in row.items() if "seconds" not in k} for row in run_dir.read_metrics()]

@@ -203,7 +203,11 @@ def test_plan_has_the_exact_tls_and_auth_commands() -> None:
         for c in "abc"
     ]
     assert plan.run.argv == (
-        "flwr", "run", ".", "fedmtl", "--stream", "--run-config", "experiment='configs/x.toml'",
+        "flwr", "run", ".", "fedmtl", "--stream", "--run-config",
+        "experiment='configs/x.toml' stream-address='10.0.0.5' stream-port=9100"
+        " stream-certfile='/etc/fedmtl/certs/server.pem'"
+        " stream-keyfile='/etc/fedmtl/certs/server.key'"
+        " stream-ca-certfile='/etc/fedmtl/certs/ca.crt'",
     )  # fmt: skip
     # devices are assigned in turn
     assert "device='cuda:0'" in plan.supernodes["c"].argv[-1]
@@ -230,7 +234,18 @@ def test_flower_parses_every_flag_and_the_node_config() -> None:
         "num-threads": 3,
     }
     run_config = plan.run.argv[plan.run.argv.index("--run-config") + 1]
-    assert parse_config_args([run_config]) == {"experiment": "configs/x.toml"}
+    assert parse_config_args([run_config]) == {
+        "experiment": "configs/x.toml",
+        "stream-address": "10.0.0.5",
+        "stream-port": 9100,
+        "stream-certfile": "/etc/fedmtl/certs/server.pem",
+        "stream-keyfile": "/etc/fedmtl/certs/server.key",
+        "stream-ca-certfile": "/etc/fedmtl/certs/ca.crt",
+    }
+    insecure = build_plan(settings(insecure=True), ["a"], "x").run.argv[-1]
+    assert parse_config_args([insecure]) == {
+        "experiment": "configs/x.toml", "stream-address": "10.0.0.5", "stream-port": 9100,
+    }  # fmt: skip
 
 
 def test_connection_entry_is_what_the_flwr_cli_reads(tmp_path: Path) -> None:
@@ -376,10 +391,19 @@ def test_compose_services_run_the_deploy_commands(capsys: pytest.CaptureFixture[
     argv = plan["superlink"]["argv"]
     assert link["command"] == argv
     listen_port = argv[argv.index("--port") + 1]
-    assert [p.rsplit(":", 1)[1] for p in link["ports"]] == [listen_port]
+    # The ServerApp (FedMuscle's stream) runs in the SuperLink's container: its port and the
+    # TLS files of the run config must be published and mounted there.
+    from flwr.common.config import parse_config_args
+
+    run_config = parse_config_args([plan["run"]["argv"][-1]])
+    assert run_config["stream-address"] == "superlink"
+    stream_port = str(run_config["stream-port"])
+    assert [p.rsplit(":", 1)[1] for p in link["ports"]] == [listen_port, stream_port]
     mounts = _mounts(link)
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--database"):
         assert _covered(argv[argv.index(flag) + 1], mounts), flag
+    for key in ("stream-certfile", "stream-keyfile", "stream-ca-certfile"):
+        assert run_config[key] == argv[argv.index(f"--ssl-{key.split('-', 1)[1]}") + 1]
     assert "/app/runs" in mounts  # the ServerApp's output-dir 'runs' (cwd /app)
 
     for client_id, process in plan["supernodes"].items():

@@ -47,7 +47,7 @@ rounds = {rounds}
 evaluate_every = {evaluate_every}
 device = "cpu"
 round_timeout = 600
-algorithm = {{ name = "{algorithm}" }}
+algorithm = {{ name = "{algorithm}"{algorithm_extra} }}
 
 [datasets.digits]
 kind = "quickstart"
@@ -91,10 +91,16 @@ model = {{ backbone = "vit_tiny_patch16_224", kwargs = {vit}, decoder_channels =
 VIT = "{ img_size = 16, patch_size = 4, depth = 1 }"
 
 
-def write_experiment(path: Path, algorithm: str, rounds: int, evaluate_every: int) -> Path:
+def write_experiment(
+    path: Path, algorithm: str, rounds: int, evaluate_every: int, algorithm_extra: str = ""
+) -> Path:
     path.write_text(
         EXPERIMENT.format(
-            algorithm=algorithm, rounds=rounds, evaluate_every=evaluate_every, vit=VIT
+            algorithm=algorithm,
+            algorithm_extra=algorithm_extra,
+            rounds=rounds,
+            evaluate_every=evaluate_every,
+            vit=VIT,
         )
     )
     return path
@@ -224,6 +230,33 @@ def test_algorithm_runs_in_deployment(
     assert (run_dir.path / "metrics.png").stat().st_size > 1000
     assert info["network-traffic"]["total-bytes"] > 0
     assert_same_rows(eval_rows(run_dir), reference_rows(experiment, tmp_path / "reference"))
+
+
+def test_fedmuscle_stream_runs_over_tls_in_deployment(
+    cluster: LocalDeployment, tmp_path: Path
+) -> None:
+    # The per-batch schedule over fedmtl's gRPC stream, TLS with the SuperLink's certificate
+    # (the plan's run config), must give the same personal models as over Flower messages.
+    batch = ', schedule = "batch", contrastive_epochs = 2, connect_deadline = 300.0'
+    stream = write_experiment(
+        tmp_path / "stream.toml", "fedmuscle", 2, 2, batch + ', channel = "stream"'
+    )
+    app_dir = make_app_dir(tmp_path / "app", "fedmtl.client_app:app")
+    run_id = submit(cluster, app_dir, stream, tmp_path / "runs")
+    info = cluster.wait_run(run_id, RUN_TIMEOUT)
+    assert info["status"] == "finished:completed", info
+    rows = only_run_dir(tmp_path / "runs").read_metrics()
+    for row in rows:
+        assert row["server/fedmuscle/stream_steps"] == 2, row  # 2 epochs of 1 public batch
+        assert row["server/fedmuscle/stream_clients"] == 3
+        assert row["server/fedmuscle/steps"] == 6  # every client stepped on every batch
+        assert row["stream/skipped"] == 0 and row.get("status") != "failed"
+    flower = write_experiment(tmp_path / "flower.toml", "fedmuscle", 2, 2, batch)
+    expected = reference_rows(flower, tmp_path / "reference")
+    got = eval_rows(only_run_dir(tmp_path / "runs"))
+    for row, ref in zip(got, expected, strict=True):
+        for key in (k for k in ref if k.startswith("eval/")):
+            assert row[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (row["round"], key)
 
 
 # --------------------------------------------------------------------------- faults

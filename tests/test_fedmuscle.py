@@ -78,6 +78,7 @@ def run(
     tamper: Any = None,
     observer: Any = None,
     grid: FakeGrid | None = None,
+    run_config: dict[str, Any] | None = None,
 ) -> tuple[RunDirectory, FakeGrid, dict[tuple[int, int, int], dict[str, torch.Tensor]]]:
     """Run in process; return the run, the grid and every representation clients sent."""
     grid = grid or FakeGrid(app, len(experiment.clients))
@@ -97,7 +98,9 @@ def run(
         return content
 
     grid.tamper = hook
-    run_dir, grid = run_in_process(experiment, out, grid=grid, observer=observer)
+    run_dir, grid = run_in_process(
+        experiment, out, grid=grid, observer=observer, run_config=run_config
+    )
     return run_dir, grid, reps
 
 

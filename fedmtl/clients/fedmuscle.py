@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,12 +43,15 @@ from fedmtl.aggregation.muscle_targets import client_loss_from_payload
 from fedmtl.clients.base import ClientAlgorithm, TrainOutcome, register_client_algorithm
 from fedmtl.clients.session import ClientSession, dataset_source
 from fedmtl.clients.training import autocast, make_optimizer, to_device
-from fedmtl.config import DatasetConfig
+from fedmtl.config import DatasetConfig, Experiment, FedMuscleConfig
 from fedmtl.data import DATASET_REGISTRY, PublicDataset, collate
 from fedmtl.losses.muscle import gram_volume_loss
 from fedmtl.messages import NUM_EXAMPLES
 from fedmtl.models import MultiTaskModel
 from fedmtl.seeding import derive_seed
+from fedmtl.stream.client import StreamClient, StreamLost, StreamTicket, StreamUnreachable
+
+log = logging.getLogger("fedmtl.client")
 
 EPOCH = "fedmuscle.epoch"
 REPRESENT_EPOCH = "fedmuscle.represent-epoch"
@@ -317,50 +322,86 @@ class FedMuscleClient(ClientAlgorithm):
         }
         return TrainOutcome(arrays=arrays, metrics=metrics)
 
+    def _optimizer(
+        self, model: MultiTaskModel, extras: Mapping[str, Mapping[str, Tensor]]
+    ) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+        """The contrastive optimiser over encoder and projector, with its saved state."""
+        training = self.session.client.training
+        lr = self.hyper.contrastive_lr or training.lr
+        params = aligned_parameters(model)
+        optimizer = make_optimizer(params, training.model_copy(update={"lr": lr}))
+        if OPTIMIZER_EXTRA in extras:
+            load_optimizer_state(optimizer, extras[OPTIMIZER_EXTRA])
+        return optimizer, params
+
+    def _step(
+        self,
+        model: MultiTaskModel,
+        optimizer: torch.optim.Optimizer,
+        params: list[nn.Parameter],
+        round_: int,
+        epoch: int,
+        batch: int,
+        payload: Mapping[str, Tensor],
+    ) -> tuple[float, int]:
+        """One optimiser step on public batch ``batch`` of ``epoch``; returns (loss, examples).
+
+        Raises
+        ------
+        FloatingPointError
+            If the contrastive loss is not finite (the reply must not carry poisoned state).
+        """
+        session, hyper = self.session, self.hyper
+        inputs = to_device(public_batch(public_view(session), epoch, batch), session.device)
+        with seeded(self._seed(round_, epoch, batch), session.device):
+            z = _normalised_representation(model, inputs, session.device)
+        on_device = {k: v.to(session.device) for k, v in payload.items()}
+        objective, value = contrastive_objective(
+            hyper.loss, hyper.protocol, z, on_device, hyper.tau, hyper.tau_prev
+        )
+        if not torch.isfinite(objective.detach()).all():
+            raise FloatingPointError(f"contrastive loss became {value} at batch {batch}")
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        grad_clip = session.client.training.grad_clip
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        return value, int(z.shape[0])
+
     def align(
         self, round_: int, received: Mapping[str, Tensor], config: Mapping[str, Any]
     ) -> TrainOutcome:
         """Handle ``train.align``: one step per payload batch, then any represent request.
+
+        A message that carries a stream ticket runs the whole phase over the stream instead
+        (:meth:`align_stream`).
 
         Raises
         ------
         FloatingPointError
             If a contrastive loss is not finite (the reply must not carry poisoned state).
         """
+        ticket = StreamTicket.from_config(config)
+        if ticket is not None:
+            return self.align_stream(round_, ticket)
         start = time.perf_counter()
-        session, hyper = self.session, self.hyper
+        session = self.session
         payloads = split_payloads(received)
         request = self._request(config)
         model, extras, _ = session.load(round_)
         metrics: dict[str, float | int] = {NUM_EXAMPLES: 0, "align/steps": 0}
         if payloads:
             epoch = int(config[EPOCH])
-            training = session.client.training
-            lr = hyper.contrastive_lr or training.lr
-            params = aligned_parameters(model)
-            optimizer = make_optimizer(params, training.model_copy(update={"lr": lr}))
-            if OPTIMIZER_EXTRA in extras:
-                load_optimizer_state(optimizer, extras[OPTIMIZER_EXTRA])
-            view = public_view(session)
+            optimizer, params = self._optimizer(model, extras)
             model.train()
             losses = []
             for batch, payload in payloads.items():
-                inputs = to_device(public_batch(view, epoch, batch), session.device)
-                with seeded(self._seed(round_, epoch, batch), session.device):
-                    z = _normalised_representation(model, inputs, session.device)
-                payload = {k: v.to(session.device) for k, v in payload.items()}
-                objective, value = contrastive_objective(
-                    hyper.loss, hyper.protocol, z, payload, hyper.tau, hyper.tau_prev
+                value, examples = self._step(
+                    model, optimizer, params, round_, epoch, batch, payload
                 )
-                if not torch.isfinite(objective.detach()).all():
-                    raise FloatingPointError(f"contrastive loss became {value} at batch {batch}")
-                optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                if training.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(params, training.grad_clip)
-                optimizer.step()
                 losses.append(value)
-                metrics[NUM_EXAMPLES] = int(metrics[NUM_EXAMPLES]) + int(z.shape[0])
+                metrics[NUM_EXAMPLES] = int(metrics[NUM_EXAMPLES]) + examples
             extras[OPTIMIZER_EXTRA] = optimizer_state_tensors(optimizer)
             session.save(round_, model, extras)
             metrics["align/steps"] = len(losses)
@@ -368,6 +409,90 @@ class FedMuscleClient(ClientAlgorithm):
         arrays = self._represent_batches(model, round_, *request) if request else {}
         metrics["align/seconds"] = time.perf_counter() - start
         return TrainOutcome(arrays=arrays, metrics=metrics)
+
+    def align_stream(self, round_: int, ticket: StreamTicket) -> TrainOutcome:
+        """The round's whole contrastive phase over the stream (``batch`` schedule).
+
+        For every step (public batch ``b`` of contrastive epoch ``e``) the client computes
+        ``Z_b`` with its current weights, sends it, and takes the same optimiser step as the
+        Flower path on the server's payload (none on a skip). A broken stream is reopened once
+        per step with the same token; the client rejoins at the server's current step. The
+        reply's metrics say how it went (``stream/*``); state is saved once, at the end.
+
+        Raises
+        ------
+        StreamRefused
+            If the server refuses the token (the Flower reply becomes an error).
+        """
+        start = time.perf_counter()
+        session = self.session
+        schedule = contrastive_schedule(
+            session.experiment, round_, len(public_view(session).batch_indices(0))
+        )
+        model, extras, _ = session.load(round_)
+        optimizer, params = self._optimizer(model, extras)
+        ca_file = session.stream_ca
+        root = Path(ca_file).read_bytes() if ca_file else None
+        client = StreamClient(ticket, session.client_id, round_, root_certificates=root)
+        metrics: dict[str, float | int] = {
+            NUM_EXAMPLES: 0, "align/steps": 0, "stream/skipped": 0, "stream/reconnects": 0,
+        }  # fmt: skip
+        losses: list[float] = []
+        try:
+            next_step = client.connect(ticket.connect_deadline)
+        except StreamUnreachable as exc:
+            log.warning("%s: %s", session.client_id, exc)
+            metrics["stream/unreachable"] = 1
+            metrics["align/seconds"] = time.perf_counter() - start
+            return TrainOutcome(arrays={}, metrics=metrics)
+        with client:
+            step = next_step
+            while step < len(schedule):
+                epoch, batch = schedule[step]
+                z = self._represent_batches(model, round_, epoch, [batch])
+                try:
+                    payload, next_step = client.exchange(step, z[representation_key(batch)])
+                except StreamLost as exc:
+                    log.warning("%s: step %d: %s; reconnecting", session.client_id, step, exc)
+                    metrics["stream/reconnects"] = int(metrics["stream/reconnects"]) + 1
+                    try:
+                        step = max(client.connect(ticket.batch_deadline), step + 1)
+                    except (StreamLost, StreamUnreachable) as again:
+                        log.warning("%s: gave up the stream: %s", session.client_id, again)
+                        break
+                    continue
+                if payload is None:
+                    metrics["stream/skipped"] = int(metrics["stream/skipped"]) + 1
+                else:
+                    model.train()
+                    value, examples = self._step(
+                        model, optimizer, params, round_, epoch, batch, payload
+                    )
+                    losses.append(value)
+                    metrics[NUM_EXAMPLES] = int(metrics[NUM_EXAMPLES]) + examples
+                step = next_step
+        if losses:
+            extras[OPTIMIZER_EXTRA] = optimizer_state_tensors(optimizer)
+            session.save(round_, model, extras)
+            metrics["align/steps"] = len(losses)
+            metrics["align/loss"] = sum(losses) / len(losses)
+        metrics["align/seconds"] = time.perf_counter() - start
+        return TrainOutcome(arrays={}, metrics=metrics)
+
+
+def contrastive_schedule(
+    experiment: Experiment, round_: int, batches: int
+) -> list[tuple[int, int]]:
+    """The round's contrastive steps in order: ``(public epoch, batch)`` per step.
+
+    Contrastive epoch ``e`` of round ``r`` is public epoch ``(r − 1)·T + e`` (``T`` =
+    ``contrastive_epochs``), so every round visits the public data in a fresh order. Step
+    ``k = e·batches + b`` also numbers the peer draw of that batch.
+    """
+    algorithm = experiment.algorithm
+    assert isinstance(algorithm, FedMuscleConfig)
+    epochs = algorithm.contrastive_epochs
+    return [((round_ - 1) * epochs + e, b) for e in range(epochs) for b in range(batches)]
 
 
 def fedmuscle_client(session: ClientSession) -> FedMuscleClient:

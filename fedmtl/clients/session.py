@@ -108,6 +108,9 @@ class ClientSession:
         Node-local directory for personal state.
     data_root : str, optional
         Overrides the dataset root (a SuperNode's ``data-dir``).
+    stream_ca : str, optional
+        A CA certificate file the node trusts for FedMuscle's stream (a SuperNode's
+        ``stream-ca``); default: the CA the server announces over the Flower channel.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class ClientSession:
         client_id: str,
         state_dir: str | Path,
         data_root: str | None = None,
+        stream_ca: str | None = None,
     ) -> None:
         self.experiment = experiment
         self.client = experiment.client(client_id)
@@ -125,6 +129,7 @@ class ClientSession:
         self.device = resolve_device(experiment.device)
         self.state = StateStore(state_dir)
         self.data_root = data_root
+        self.stream_ca = stream_ca
         self._splits: dict[str, SampleSet] = {}
 
     # -- data -------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from fedmtl.deploy.credentials import CA_CERT, SERVER_CERT, SERVER_KEY, node_key
 
 SUPERLINK_PORT = 8000  # Fleet, Control and Runtime APIs share this one port (Flower >= 1.40)
 FIRST_SUPERNODE_PORT = 9094  # each SuperNode's local Runtime API; distinct when nodes share a host
+STREAM_PORT = 9100  # FedMuscle's per-batch stream (channel = "stream"), opened by the ServerApp
 INSECURE_WARNING = (
     "WARNING: --insecure: traffic is unencrypted and any machine that reaches the SuperLink can "
     "join as a SuperNode. Use it only on a trusted, isolated network."
@@ -63,6 +64,10 @@ class DeploySettings:
         Runtime API port of the first SuperNode; the ``i``-th uses ``first_node_port + i``.
     insecure : bool
         Plain HTTP without SuperNode authentication (only on a trusted network).
+    stream_port : int
+        Port of FedMuscle's stream on the server (used when an experiment sets
+        ``channel = "stream"``); clients reach it at the SuperLink's host, over TLS with the
+        same certificate unless ``insecure``.
     """
 
     superlink: str
@@ -80,6 +85,7 @@ class DeploySettings:
     num_threads: int | None = None
     first_node_port: int = FIRST_SUPERNODE_PORT
     insecure: bool = False
+    stream_port: int = STREAM_PORT
 
     @property
     def superlink_port(self) -> int:
@@ -88,6 +94,11 @@ class DeploySettings:
         if not sep or not host or not port.isdigit():
             raise ValueError(f"--superlink must be HOST:PORT, got {self.superlink!r}")
         return int(port)
+
+    @property
+    def superlink_host(self) -> str:
+        """The host part of :attr:`superlink` (also where clients reach the stream)."""
+        return self.superlink.rpartition(":")[0].strip("[]")
 
 
 @dataclass(frozen=True)
@@ -221,6 +232,17 @@ def run_process(settings: DeploySettings) -> Process:
     run_config = f"experiment={toml_literal(settings.experiment)}"
     if settings.output_dir:
         run_config += f" output-dir={toml_literal(settings.output_dir)}"
+    # FedMuscle's stream (read only by experiments with channel = "stream"): the host the
+    # clients already use for the SuperLink, and TLS with the SuperLink's own certificate.
+    run_config += f" stream-address={toml_literal(settings.superlink_host)}"
+    run_config += f" stream-port={settings.stream_port}"
+    if not settings.insecure:
+        certs = Path(settings.certs_dir)
+        run_config += (
+            f" stream-certfile={toml_literal(str(certs / SERVER_CERT))}"
+            f" stream-keyfile={toml_literal(str(certs / SERVER_KEY))}"
+            f" stream-ca-certfile={toml_literal(str(certs / CA_CERT))}"
+        )
     argv = (
         "flwr",
         "run",
@@ -274,6 +296,13 @@ def build_plan(
         "APIs. The Control API has no user authentication: anyone who reaches it can run code "
         "on the SuperLink and every SuperNode. Firewall it to the client machines and your own.",
     ]
+    notes.append(
+        f'Experiments with FedMuscle\'s channel = "stream" also need port '
+        f"{settings.stream_port} of the server reachable from the client machines (the "
+        "ServerApp opens it for the contrastive phase; token-checked"
+        + ("" if settings.insecure else ", TLS with the server certificate")
+        + "). If it is blocked the run falls back to Flower messages, with a warning."
+    )
     if settings.insecure:
         notes.insert(0, INSECURE_WARNING)
     return DeploymentPlan(

@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from importlib.metadata import version
 
-from fedmtl.deploy.commands import SUPERLINK_PORT, DeploySettings, build_plan
+from fedmtl.deploy.commands import STREAM_PORT, SUPERLINK_PORT, DeploySettings, build_plan
 
 FEDMTL_VERSION = version("fedmtl")
 BASE_IMAGE = "pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime"
@@ -120,6 +120,8 @@ def render_compose(
         f"    command: {_seq(plan.superlink.argv)}",
         "    ports:",
         f"      - {_q(_env('SUPERLINK_PORT', str(SUPERLINK_PORT)) + f':{SUPERLINK_PORT}')}",
+        '      # FedMuscle\'s stream (channel = "stream"): the ServerApp runs in this container.',
+        f"      - {_q(_env('STREAM_PORT', str(STREAM_PORT)) + f':{STREAM_PORT}')}",
         "    volumes:",
         _mount(certs, CERTS, read_only=True),
         _mount(f"{state}/superlink", STATE),
@@ -174,6 +176,8 @@ def render_env(
         f"FEDMTL_IMAGE=fedmtl:{FEDMTL_VERSION}",
         f"BASE_IMAGE={BASE_IMAGE}",
         f"SUPERLINK_PORT={SUPERLINK_PORT}",
+        '# FedMuscle\'s stream (experiments with channel = "stream"); host side of the mapping.',
+        f"STREAM_PORT={STREAM_PORT}",
         "CERTS_DIR=./certificates",
         "KEYS_DIR=./keys",
         "STATE_DIR=./state",

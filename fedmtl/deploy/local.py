@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from fedmtl.deploy.commands import DeploymentPlan, DeploySettings, build_plan
+from fedmtl.deploy.commands import DeploymentPlan, DeploySettings, build_plan, toml_literal
 from fedmtl.deploy.credentials import write_certificates, write_node_keys
 
 FLOWER_ENV = {
@@ -92,7 +92,8 @@ class LocalDeployment:
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.client_ids = list(client_ids)
-        port = free_port_block(len(self.client_ids) + 1)
+        # SuperLink, one Runtime API port per SuperNode, FedMuscle's stream.
+        port = free_port_block(len(self.client_ids) + 2)
         self.settings = DeploySettings(
             superlink=f"127.0.0.1:{port}",
             certs_dir=str(self.workdir / "certs"),
@@ -102,6 +103,7 @@ class LocalDeployment:
             connection="local-deployment",
             num_threads=num_threads,
             first_node_port=port + 1,
+            stream_port=port + 1 + len(self.client_ids),
         )
         self.plan: DeploymentPlan = build_plan(self.settings, self.client_ids, "local")
         bindir = str(Path(sys.executable).parent)  # flower-* and flwr live beside this Python
@@ -255,9 +257,21 @@ class LocalDeployment:
 
     # -- runs ---------------------------------------------------------------------------
 
-    def submit(self, run_config: Mapping[str, str], app_dir: str | Path) -> int:
-        """``flwr run APP <connection> --run-config ...``; returns the run id."""
-        overrides = " ".join(f"{k}='{v}'" for k, v in run_config.items())
+    def submit(self, run_config: Mapping[str, str | int], app_dir: str | Path) -> int:
+        """``flwr run APP <connection> --run-config ...``; returns the run id.
+
+        The plan's own run config (FedMuscle's ``stream-*`` address, port and TLS files) is
+        included; ``run_config`` adds to or overrides it.
+        """
+        from flwr.common.config import parse_config_args
+
+        planned = parse_config_args([self.plan.run.argv[-1]])
+        merged = {k: v for k, v in planned.items() if k.startswith("stream-")}
+        merged.update(run_config)
+        overrides = " ".join(
+            f"{k}={v}" if isinstance(v, int) else f"{k}={toml_literal(str(v))}"
+            for k, v in merged.items()
+        )
         args = ("run", str(app_dir), self.settings.connection, "--run-config", overrides)
         answer = self.flwr_json(*args)
         if not answer.get("success"):

@@ -149,3 +149,6 @@ class Strategy:
 
     def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
+
+    def close(self) -> None:
+        """Release what the strategy opened for the run (FedMuscle's stream port)."""

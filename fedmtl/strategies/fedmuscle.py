@@ -22,6 +22,14 @@ Schedules (``schedule``):
   step. Every payload is built from matrices of the current weights, and the three protocols
   give the same updates. T·|D|/B + 1 exchanges per round.
 
+Channels (``channel``, ``batch`` schedule only): ``flower`` sends the exchanges above as Flower
+messages; ``stream`` opens fedmtl's gRPC stream (:mod:`fedmtl.stream`) for the phase. One
+``train.align`` per client carries a ticket (address, per-run token, CA); the client then
+sends ``Z`` of every step over its stream and gets the payload :meth:`FedMuscle._payloads`
+builds, the same function and peer draw (the step is the batch's number in the round), so the
+updates equal the Flower path's. If the port cannot be opened, or no client reaches it, the
+run falls back to Flower messages with a warning naming the port.
+
 Protocols (``protocol``) and what they reveal, per client per public batch. Uplink in all of
 them: ``Z^n`` (``B·d`` floats) to the server, which therefore sees every client's
 representations of the public data (never weights or private data). Downlink bytes are
@@ -62,6 +70,10 @@ the round number; clients keep model and optimiser state in their versioned pers
 from __future__ import annotations
 
 import logging
+import secrets
+import statistics
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +86,7 @@ from fedmtl.clients.fedmuscle import (
     EPOCH,
     REPRESENT_BATCHES,
     REPRESENT_EPOCH,
+    contrastive_schedule,
     payload_key,
     representation_key,
 )
@@ -81,10 +94,17 @@ from fedmtl.config import Experiment
 from fedmtl.messages import ALIGN, REPRESENT, ReplyError, TensorSpec, make_content, validate_tensors
 from fedmtl.strategies.base import ClientInfo, Reply, Strategy, register_strategy
 from fedmtl.strategies.loop import FederatedLoop
+from fedmtl.stream.client import StreamTicket
+from fedmtl.stream.server import (
+    ExchangeServer,
+    PhaseReport,
+    StreamEndpoint,
+    StreamPhase,
+    StreamUnavailable,
+)
+from fedmtl.stream.wire import payload_frame_bytes, representation_bytes
 
 log = logging.getLogger("fedmtl.server")
-
-Representations = dict[str, Tensor]  # client id → Z_b of one public batch
 
 
 @dataclass
@@ -100,6 +120,9 @@ class ContrastiveRound:
     exchanges: int = 0
     payloads: int = 0
     left_out: list[str] = field(default_factory=list)
+    stream: PhaseReport | None = None  # channel = "stream": what the phase did
+    exchange_seconds: list[float] = field(default_factory=list)  # per Flower exchange
+    exchange_overhead: list[float] = field(default_factory=list)  # minus client handler time
 
 
 @register_strategy("fedmuscle")
@@ -120,6 +143,11 @@ class FedMuscle(Strategy):
         # PublicDataset cuts each epoch's permutation into consecutive chunks of batch_size.
         self.batch_sizes = [min(batch, size - start) for start in range(0, size, batch)]
         self.tau_prev = hyper.tau if hyper.loss == "infonce" else hyper.tau_prev
+        # channel = "stream": the port is opened at the first phase and kept for the run;
+        # tokens are fresh per run (a resumed run is a new run) and per client.
+        self._server: ExchangeServer | None = None
+        self._stream_failed = False
+        self._tokens = {c.client_id: secrets.token_urlsafe(32) for c in experiment.clients}
 
     # -- numbering ---------------------------------------------------------------------
 
@@ -148,6 +176,8 @@ class FedMuscle(Strategy):
             )
         elif self.hyper.schedule == "epoch":
             self._epoch_schedule(state)
+        elif self.hyper.channel == "stream" and not self._stream_failed:
+            self._stream_schedule(state)
         else:
             self._batch_schedule(state)
         loop.record_server(round_, self._metrics(state))
@@ -170,30 +200,142 @@ class FedMuscle(Strategy):
                 self._align(state, public_epoch, payloads, request=None)
 
     def _batch_schedule(self, state: ContrastiveRound) -> None:
-        batches = range(len(self.batch_sizes))
-        items = [(e, b) for e in range(self.hyper.contrastive_epochs) for b in batches]
+        items = contrastive_schedule(self.experiment, state.round, len(self.batch_sizes))
         first_epoch, first_batch = items[0]
         reps = {
-            c: z[first_batch]
-            for c, z in self._represent(
-                state, self.public_epoch(state.round, first_epoch), [first_batch]
-            ).items()
+            c: z[first_batch] for c, z in self._represent(state, first_epoch, [first_batch]).items()
         }
-        for index, (epoch, batch) in enumerate(items):
+        for step, (epoch, batch) in enumerate(items):
             if len(state.active) < 2:
                 break
-            built = self._payloads(state, self.batch_number(epoch, batch), reps)
+            built = self._payloads(state, step, reps)
             payloads = {
                 anchor: {payload_key(batch, k): v for k, v in tensors.items()}
                 for anchor, tensors in built.items()
             }
-            request = None
-            if index + 1 < len(items):
-                next_epoch, next_batch = items[index + 1]
-                request = (self.public_epoch(state.round, next_epoch), next_batch)
-            replies = self._align(state, self.public_epoch(state.round, epoch), payloads, request)
+            request = items[step + 1] if step + 1 < len(items) else None
+            replies = self._align(state, epoch, payloads, request)
             if request is not None:
                 reps = {c: z[request[1]] for c, z in replies.items()}
+
+    # -- the stream channel ------------------------------------------------------------
+
+    def _open_stream(self, loop: FederatedLoop) -> ExchangeServer | None:
+        """The run's stream server, opened on first use; ``None`` (with a warning) if it fails."""
+        if self._server is not None:
+            return self._server
+        hyper = self.hyper
+        try:
+            endpoint = StreamEndpoint.from_run_config(loop.run_config, hyper.stream_port)
+            full = self.batch_sizes[0]
+            down = payload_bytes(hyper.protocol, full, hyper.projector_dim, hyper.num_peers)
+            self._server = ExchangeServer(
+                endpoint,
+                max_receive=representation_bytes(full, hyper.projector_dim),
+                max_send=payload_frame_bytes(down),
+                max_clients=len(self.experiment.clients),
+            )
+        except (StreamUnavailable, ValueError, OSError) as exc:
+            port = loop.run_config.get("stream-port") or hyper.stream_port
+            log.warning(
+                "FedMuscle stream on port %s cannot be opened (%s): falling back to Flower "
+                "messages for the rest of the run",
+                port,
+                exc,
+            )
+            self._stream_failed = True
+            return None
+        return self._server
+
+    def _stream_schedule(self, state: ContrastiveRound) -> None:
+        """The batch schedule over the stream: one Flower message opens it, then gRPC frames."""
+        server = self._open_stream(state.loop)
+        if server is None:
+            self._batch_schedule(state)
+            return
+        hyper = self.hyper
+        items = contrastive_schedule(self.experiment, state.round, len(self.batch_sizes))
+        members = [c for c in state.members if c in state.active]
+        phase = StreamPhase(
+            state.round,
+            {c: self._tokens[c] for c in members},
+            [self.representation_spec(batch) for _, batch in items],
+            lambda step, reps: self._payloads(state, step, reps),
+            batch_deadline=hyper.batch_deadline,
+            connect_deadline=hyper.connect_deadline,
+        )
+        ticket = dict(
+            address=server.address,
+            ca_pem=server.endpoint.ca_pem(),
+            connect_deadline=hyper.connect_deadline,
+            batch_deadline=hyper.batch_deadline,
+            # The client receives payloads and sends representations: the server's limits mirrored.
+            max_receive=payload_frame_bytes(
+                payload_bytes(hyper.protocol, self.batch_sizes[0], hyper.projector_dim,
+                              hyper.num_peers)
+            ),
+            max_send=representation_bytes(self.batch_sizes[0], hyper.projector_dim),
+        )  # fmt: skip
+        contents = {
+            c: make_content(
+                {
+                    **state.loop.base_config(state.round, c),
+                    **StreamTicket(token=self._tokens[c], **ticket).to_config(),
+                }
+            )
+            for c in members
+        }
+        server.phase = phase
+        report: list[PhaseReport] = []
+        coordinator = threading.Thread(
+            target=lambda: report.append(phase.run()), name="stream-phase", daemon=True
+        )
+        coordinator.start()
+        try:
+            replies = self._exchange(state, "align", ALIGN, contents, {c: {} for c in members})
+        finally:
+            phase.cancel()  # every client has answered (or failed): nobody is left to wait for
+            coordinator.join()
+            server.phase = None
+        done = report[0] if report else phase.report
+        for client, reply in replies.items():
+            steps = int(reply.metrics.get("align/steps", 0))
+            if steps:
+                state.loss_sum += float(reply.metrics["align/loss"]) * steps
+                state.steps += steps
+            state.loop.record_client(
+                state.round,
+                client,
+                {k: v for k, v in reply.metrics.items() if k.startswith("stream/")},
+            )
+        state.stream = done
+        unreachable = sorted(set(members) - done.connected)
+        if not done.connected:
+            log.warning(
+                "[ROUND %d] no client reached the FedMuscle stream at %s (is port %d open to "
+                "them?): falling back to Flower messages for the rest of the run",
+                state.round,
+                server.address,
+                server.port,
+            )
+            self._stream_failed = True
+            self.close()
+            self._batch_schedule(state)
+        elif unreachable:
+            log.warning(
+                "[ROUND %d] %s did not reach the FedMuscle stream at %s (port %d) and missed "
+                "this round's contrastive phase",
+                state.round,
+                unreachable,
+                server.address,
+                server.port,
+            )
+
+    def close(self) -> None:
+        """Close the stream's port."""
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
     # -- phases ------------------------------------------------------------------------
 
@@ -204,8 +346,14 @@ class FedMuscle(Strategy):
         message_type: str,
         contents: Mapping[str, RecordDict],
         expected: Mapping[str, Mapping[str, TensorSpec]],
+        *,
+        timed: bool = True,
     ) -> dict[str, Reply]:
-        """``loop.exchange`` with representation checks; drops clients that did not answer."""
+        """``loop.exchange`` with representation checks; drops clients that did not answer.
+
+        ``timed`` exchanges (one public batch or epoch each) go into the round's latency
+        metrics; the stream's opening message, which spans the whole phase, does not.
+        """
         rejected: set[str] = set()
 
         def validate(client: ClientInfo, reply: Reply) -> None:
@@ -217,8 +365,15 @@ class FedMuscle(Strategy):
                 rejected.add(client.client_id)  # it answered: ask it again next time
                 raise
 
+        start = time.perf_counter()
         replies = state.loop.exchange(state.round, phase, message_type, contents, validate)
+        wall = time.perf_counter() - start
         state.exchanges += 1
+        if timed and replies:
+            # Flower's share: the exchange's wall time minus the slowest client's handler.
+            handler = max(float(r.metrics.get(f"{phase}/seconds", 0.0)) for r in replies.values())
+            state.exchange_seconds.append(wall)
+            state.exchange_overhead.append(max(wall - handler, 0.0))
         lost = sorted(set(contents) - set(replies) - rejected)
         if lost:
             log.warning(
@@ -252,7 +407,7 @@ class FedMuscle(Strategy):
         }
 
     def _payloads(
-        self, state: ContrastiveRound, batch_number: int, reps: Representations
+        self, state: ContrastiveRound, batch_number: int, reps: Mapping[str, Tensor]
     ) -> dict[str, dict[str, Tensor]]:
         """Each anchor's payload for one public batch, from the valid representations."""
         hyper = self.hyper
@@ -337,4 +492,11 @@ class FedMuscle(Strategy):
         }
         if state.steps:
             metrics["fedmuscle/align_loss"] = state.loss_sum / state.steps
+        if state.exchange_seconds:
+            metrics["fedmuscle/exchange_seconds_median"] = statistics.median(state.exchange_seconds)
+            metrics["fedmuscle/exchange_overhead_seconds_median"] = statistics.median(
+                state.exchange_overhead
+            )
+        if state.stream is not None:
+            metrics.update(state.stream.metrics())
         return metrics

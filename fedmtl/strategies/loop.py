@@ -101,6 +101,9 @@ class FederatedLoop:
     state_root : str, optional
         Personal-state root sent to clients whose node config has no ``state-dir``
         (simulation: ``<run>/clients``).
+    run_config : mapping, optional
+        Flower's run config (``flwr run -c``): settings of this deployment that are not part
+        of the experiment, e.g. FedMuscle's ``stream-*`` address and TLS files.
     """
 
     def __init__(
@@ -112,8 +115,10 @@ class FederatedLoop:
         *,
         observer: Observer | None = None,
         state_root: str | None = None,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.grid = grid
+        self.run_config: dict[str, Any] = dict(run_config or {})
         self.experiment = experiment
         self.strategy = strategy
         self.run_dir = run_dir
@@ -226,8 +231,14 @@ class FederatedLoop:
     def _row_phase_seconds(
         self, round_: int, clients: Mapping[str, Any], phase: str, seconds: float
     ) -> None:
+        # A phase may run several exchanges a round (FedMuscle's per-batch align): add them up.
         for client_id in clients:
-            self._row(round_, client_id)[f"seconds/{phase}"] = round(seconds, 4)
+            row = self._row(round_, client_id)
+            row[f"seconds/{phase}"] = round(row.get(f"seconds/{phase}", 0.0) + seconds, 4)
+
+    def record_client(self, round_: int, client_id: str, metrics: Mapping[str, float]) -> None:
+        """Add a client's metrics of ``round_`` to its row in metrics.jsonl."""
+        self._row(round_, client_id).update(metrics)
 
     def record_server(self, round_: int, metrics: Mapping[str, float]) -> None:
         """Attach server-side metrics of ``round_`` to every row of the round."""
@@ -365,21 +376,27 @@ class FederatedLoop:
                 self.run_dir.truncate_metrics(0)
         self.observer.on_start(self.experiment, first)
         self.wait_for_nodes(self.experiment.round_timeout)
-        for round_ in range(first, self.experiment.rounds + 1):
-            self._rows = {}
-            self.discover(round_)
-            participants = self.select(round_)
-            if not participants:
-                raise RuntimeError(f"round {round_}: no client is online")
-            self.strategy.run_round(self, round_, participants)
-            last = round_ == self.experiment.rounds
-            if last or round_ % self.experiment.evaluate_every == 0:
-                self.evaluate_phase(round_, participants)
-            rows = [self._rows[c.client_id] for c in participants if c.client_id in self._rows]
-            self.run_dir.append_metrics(rows)
-            tensors, meta = self.strategy.state_dict()
-            self.run_dir.save_checkpoint(round_, tensors, {"strategy": meta})
-            self.observer.on_round_end(round_, rows)
+        try:
+            for round_ in range(first, self.experiment.rounds + 1):
+                self._run_round(round_)
+        finally:
+            self.strategy.close()
+
+    def _run_round(self, round_: int) -> None:
+        self._rows = {}
+        self.discover(round_)
+        participants = self.select(round_)
+        if not participants:
+            raise RuntimeError(f"round {round_}: no client is online")
+        self.strategy.run_round(self, round_, participants)
+        last = round_ == self.experiment.rounds
+        if last or round_ % self.experiment.evaluate_every == 0:
+            self.evaluate_phase(round_, participants)
+        rows = [self._rows[c.client_id] for c in participants if c.client_id in self._rows]
+        self.run_dir.append_metrics(rows)
+        tensors, meta = self.strategy.state_dict()
+        self.run_dir.save_checkpoint(round_, tensors, {"strategy": meta})
+        self.observer.on_round_end(round_, rows)
 
 
 def checkpoint_tensors(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
