@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fedmtl.config import parse_experiment
 from fedmtl.results import RunDirectory
 from tests.helpers import tiny_experiment
 
@@ -35,6 +36,27 @@ def test_simulate_through_ray(tmp_path: Path) -> None:
     assert (run_dir.path / "metrics.png").stat().st_size > 1000
     # the encoder of a-digit and b-digit (same architecture) was averaged: both got bytes down
     assert all(r["bytes_down"] > 0 for r in rows if r["round"] == 2)
+
+
+@pytest.mark.timeout(300)
+def test_fedmuscle_stream_through_ray(tmp_path: Path) -> None:
+    # The stream needs every client in a ClientApp at once: three Ray actors on 2 CPUs.
+    from fedmtl.simulation import simulate
+
+    experiment = tiny_experiment("fedmuscle", rounds=1)
+    data = experiment.model_dump(mode="json")
+    data["algorithm"].update(
+        {"schedule": "batch", "channel": "stream", "stream_port": 0, "projector_dim": 16}
+    )
+    experiment = parse_experiment(data)
+    run_dir = simulate(experiment, RunDirectory.create(tmp_path, experiment))
+    rows = run_dir.read_metrics()
+    assert len(rows) == 3 and all(r.get("status") != "failed" for r in rows), rows
+    for row in rows:
+        assert row["server/fedmuscle/stream_steps"] == 2  # 16 public samples, batches of 8
+        assert row["server/fedmuscle/stream_clients"] == 3
+        assert row["server/fedmuscle/steps"] == 6
+        assert row["stream/skipped"] == 0
 
 
 @pytest.mark.timeout(300)

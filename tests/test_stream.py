@@ -334,6 +334,8 @@ def test_endpoint_reads_the_run_config(tmp_path: Path) -> None:
     assert endpoint.announced(9100) == "server.lan:9100"
     assert StreamEndpoint(address="nat.example:19100").announced(9100) == "nat.example:19100"
     assert StreamEndpoint().announced(5555) == "127.0.0.1:5555"
+    assert StreamEndpoint(address="::1").announced(9100) == "[::1]:9100"
+    assert StreamEndpoint(address="[::1]:9200").announced(9100) == "[::1]:9200"
     with pytest.raises(ValueError, match="together"):
         StreamEndpoint.from_run_config({"stream-certfile": "server.pem"}, 9100)
 

@@ -49,7 +49,13 @@ from fedmtl.losses.muscle import gram_volume_loss
 from fedmtl.messages import NUM_EXAMPLES
 from fedmtl.models import MultiTaskModel
 from fedmtl.seeding import derive_seed
-from fedmtl.stream.client import StreamClient, StreamLost, StreamTicket, StreamUnreachable
+from fedmtl.stream.client import (
+    StreamClient,
+    StreamLost,
+    StreamRefused,
+    StreamTicket,
+    StreamUnreachable,
+)
 
 log = logging.getLogger("fedmtl.client")
 
@@ -456,8 +462,9 @@ class FedMuscleClient(ClientAlgorithm):
                     log.warning("%s: step %d: %s; reconnecting", session.client_id, step, exc)
                     metrics["stream/reconnects"] = int(metrics["stream/reconnects"]) + 1
                     try:
-                        step = max(client.connect(ticket.batch_deadline), step + 1)
-                    except (StreamLost, StreamUnreachable) as again:
+                        step = client.connect(ticket.batch_deadline)  # where the server is
+                    except (StreamLost, StreamUnreachable, StreamRefused) as again:
+                        # Refused now means the phase is over: keep the steps already taken.
                         log.warning("%s: gave up the stream: %s", session.client_id, again)
                         break
                     continue

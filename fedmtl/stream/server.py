@@ -141,11 +141,15 @@ class StreamEndpoint:
 
     def announced(self, bound_port: int) -> str:
         """``host:port`` for clients."""
-        if self.address:
-            host, sep, port = self.address.rpartition(":")
-            if sep and port.isdigit() and not host.endswith(":"):
-                return self.address
-            return f"{self.address}:{bound_port}"
+        address = self.address
+        if address:
+            if address.startswith("["):  # [IPv6] or [IPv6]:port
+                return address if "]:" in address else f"{address}:{bound_port}"
+            if address.count(":") == 1:  # host:port
+                return address
+            if ":" in address:  # a bare IPv6 address
+                return f"[{address}]:{bound_port}"
+            return f"{address}:{bound_port}"
         host = "127.0.0.1" if self.bind in ("0.0.0.0", "::", "[::]") else self.bind
         return f"{host}:{bound_port}"
 
