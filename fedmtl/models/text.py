@@ -6,24 +6,29 @@ import re
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
-from transformers import (
-    AutoTokenizer,
-    BertConfig,
-    BertModel,
-    DistilBertConfig,
-    DistilBertModel,
-    PretrainedConfig,
-    PreTrainedModel,
-)
 
 from fedmtl.models.pretrained import load_state_dict_strict, read_state_dict
 from fedmtl.models.registry import Encoder, EncoderOutput, register_encoder
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
 TextInputs = Sequence[str] | Mapping[str, Tensor]
+
+
+def _transformers(name: str) -> Any:
+    """A class of ``transformers``, imported on first use.
+
+    Importing transformers takes seconds; a deployed ClientApp is a new process per message,
+    so only processes that build a text encoder pay for it.
+    """
+    import transformers
+
+    return getattr(transformers, name)
 
 
 class Tokenizer(Protocol):
@@ -91,7 +96,7 @@ class _PretrainedTokenizer:
                 " save it next to the weights with save_pretrained"
             )
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = _transformers("AutoTokenizer").from_pretrained(path)
         except (OSError, ValueError) as err:
             raise ValueError(f"no loadable tokenizer in directory {path}: {err}") from err
         self.max_length = max_length
@@ -123,8 +128,8 @@ class TextEncoder(Encoder):
     """
 
     modality: ClassVar[str] = "text"
-    config_class: ClassVar[type[PretrainedConfig]]
-    model_class: ClassVar[type[PreTrainedModel]]
+    config_class_name: ClassVar[str]  # transformers class names (imported lazily)
+    model_class_name: ClassVar[str]
     default_hub_id: ClassVar[str]
     # Checkpoint keys of task heads and legacy buffers that the bare encoder lacks.
     ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = ()
@@ -144,11 +149,13 @@ class TextEncoder(Encoder):
             raise ValueError("hub_id is only used with pretrained='hub'")
         self.tokenizer: Tokenizer
         source = (hub_id or self.default_hub_id) if pretrained == "hub" else pretrained
+        model_class: type[PreTrainedModel] = _transformers(self.model_class_name)
+        config_class: type[PretrainedConfig] = _transformers(self.config_class_name)
         if source is not None and (pretrained == "hub" or Path(source).is_dir()):
-            self.model = self.model_class.from_pretrained(source, **self.model_kwargs, **kwargs)
+            self.model = model_class.from_pretrained(source, **self.model_kwargs, **kwargs)
             self.tokenizer = _PretrainedTokenizer(source, max_length)
         else:
-            self.model = self.model_class(self.config_class(**kwargs), **self.model_kwargs)
+            self.model = model_class(config_class(**kwargs), **self.model_kwargs)
             if source is not None:
                 load_state_dict_strict(
                     self.model,
@@ -189,8 +196,8 @@ class BertEncoder(TextEncoder):
     """BERT without its pooler (pooled is the raw [CLS] state, so no parameter goes unused)."""
 
     backbones: ClassVar[tuple[str, ...]] = ("bert",)
-    config_class = BertConfig
-    model_class = BertModel
+    config_class_name = "BertConfig"
+    model_class_name = "BertModel"
     default_hub_id = "bert-base-uncased"
     ignored_checkpoint_keys = ("pooler", "cls", "classifier", "embeddings.position_ids")
     model_kwargs: ClassVar[dict[str, Any]] = {"add_pooling_layer": False}
@@ -201,8 +208,8 @@ class DistilBertEncoder(TextEncoder):
     """DistilBERT (config fields ``dim``, ``n_layers``, ``n_heads``, ``hidden_dim``)."""
 
     backbones: ClassVar[tuple[str, ...]] = ("distilbert",)
-    config_class = DistilBertConfig
-    model_class = DistilBertModel
+    config_class_name = "DistilBertConfig"
+    model_class_name = "DistilBertModel"
     default_hub_id = "distilbert-base-uncased"
     ignored_checkpoint_keys = (
         "vocab_transform",

@@ -7,11 +7,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MultilabelAveragePrecision,
-    MultilabelF1Score,
-)
 
 from fedmtl.tasks.base import Task, TaskMetrics, masked_mean, register_task
 
@@ -50,6 +45,10 @@ class _AccuracyMetrics(TaskMetrics):
     """Top-1 accuracy (fraction in [0, 1]) over the pass via torchmetrics."""
 
     def __init__(self, task: Task) -> None:
+        # Imported here: torchmetrics takes seconds to import and only evaluation needs it (a
+        # deployed ClientApp is a new process per message; train messages skip the cost).
+        from torchmetrics.classification import MulticlassAccuracy
+
         self.task = task
         self.accuracy = MulticlassAccuracy(num_classes=task.num_outputs, average="micro")
         self.count = 0
@@ -113,6 +112,8 @@ class _MultiLabelMetrics(TaskMetrics):
     """
 
     def __init__(self, task: MultiLabelClassification) -> None:
+        from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
+
         self.task = task
         ignore = task.options["ignore_index"]
         self.f1 = MultilabelF1Score(

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import MulticlassJaccardIndex
 
 from fedmtl.tasks.base import Task, TaskMetrics, masked_mean, register_task
 
@@ -54,6 +53,9 @@ class _SegmentationMetrics(TaskMetrics):
     """
 
     def __init__(self, task: SemanticSegmentation) -> None:
+        # Imported on first use: see fedmtl.tasks.classification._AccuracyMetrics.
+        from torchmetrics.classification import MulticlassJaccardIndex
+
         self.task = task
         self.ignore_index: int = task.options["ignore_index"]
         self.jaccard = MulticlassJaccardIndex(
