@@ -34,6 +34,8 @@ CLIENT_ID = "client-id"
 SERVER_ROUND = "server-round"
 EXPERIMENT = "experiment"
 STATE_ROOT = "state-root"
+# train config: the parameter groups the server wants back (default: every shared group).
+UPLOAD_GROUPS = "upload-groups"
 
 
 class ReplyError(ValueError):

@@ -7,14 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import Message, RecordDict
 
 from fedmtl.aggregation.fedavg import weighted_average
+from fedmtl.client_app import app as client_app
 from fedmtl.clients.state import StateStore
 from fedmtl.losses.proximal import proximal_term
 from fedmtl.messages import ReplyError, TensorSpec, validate_metrics, validate_tensors
+from fedmtl.models.multitask import group_of
 from fedmtl.results import RunDirectory, delta_table, relative_delta
 from fedmtl.seeding import derive_seed
 from fedmtl.strategies.base import ClientInfo
+from fedmtl.testing import FakeGrid
+from tests.helpers import run_in_process, tiny_experiment
 
 
 def test_weighted_average_by_hand() -> None:
@@ -131,3 +136,40 @@ def test_fake_grid_relies_on_flower_task_identity() -> None:
     TaskIdentity.node_id = 0
     TaskIdentity.task_id = 1
     assert TaskIdentity.run_id == 1
+
+
+def test_fedavg_uploads_only_groups_another_client_holds(tmp_path: Path) -> None:
+    experiment = tiny_experiment("fedavg", rounds=2)
+    grid = FakeGrid(client_app, len(experiment.clients))
+    uploaded: dict[str, set[str]] = {}
+
+    def capture(node: int, message: Message, content: RecordDict) -> None:
+        if message.metadata.message_type == "train":
+            client = experiment.clients[node - 101].client_id
+            groups = {group_of(name) for name in content.array_records["arrays"]}
+            uploaded.setdefault(client, set()).update(groups)
+
+    grid.tamper = capture
+    run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
+    # One ViT architecture for all three encoders; the digit decoder is shared by a and b;
+    # c's segmentation and depth decoders have no partner, so they never leave the client.
+    assert uploaded == {
+        "a-digit": {"encoder", "decoders.digit"},
+        "b-digit": {"encoder", "decoders.digit"},
+        "c-seg-depth": {"encoder"},
+    }
+    up = {r["client_id"]: r["bytes_up"] for r in run_dir.read_metrics() if r["round"] == 1}
+    assert up["c-seg-depth"] < up["a-digit"]
+
+
+def test_client_sharing_nothing_uploads_nothing(tmp_path: Path) -> None:
+    from fedmtl.config import load_experiment
+
+    # tests/data/tiny.toml: a and b share a ViT encoder (different tasks); c is a ResNet.
+    experiment = load_experiment(Path(__file__).parent / "data" / "tiny.toml")
+    experiment = experiment.model_copy(update={"rounds": 1})
+    run_dir, _ = run_in_process(experiment, tmp_path)
+    rows = {r["client_id"]: r for r in run_dir.read_metrics()}
+    assert all(r.get("status") != "failed" for r in rows.values())
+    assert rows["c"]["bytes_up"] == 0  # an empty upload-groups list: nothing to send
+    assert rows["a"]["bytes_up"] == rows["b"]["bytes_up"] > 0  # the same encoder

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from fedmtl.clients.session import ClientSession, load_tensors, shared_parameters
 from fedmtl.clients.training import TrainStats, train_epochs
 from fedmtl.config import Experiment
+from fedmtl.messages import UPLOAD_GROUPS
+from fedmtl.models.multitask import group_of
 
 CLIENT_ALGORITHMS: dict[str, type[ClientAlgorithm]] = {}
 
@@ -113,7 +115,11 @@ class ClientAlgorithm:
         metrics.update(self.after_training(model, received, extras, round_, config))
         session.save(round_, model, extras)
         metrics["train/seconds"] = time.perf_counter() - start
-        return TrainOutcome(arrays=shared_parameters(model, self.shares), metrics=metrics)
+        arrays = shared_parameters(model, self.shares)
+        if UPLOAD_GROUPS in config:  # the server needs only groups someone else holds too
+            wanted = set(config[UPLOAD_GROUPS])
+            arrays = {k: v for k, v in arrays.items() if group_of(k) in wanted}
+        return TrainOutcome(arrays=arrays, metrics=metrics)
 
     def evaluate(
         self, round_: int, received: Mapping[str, Tensor]

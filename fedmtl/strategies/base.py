@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fedmtl.config import Experiment
 from fedmtl.messages import TensorSpec
+from fedmtl.models.multitask import group_of
 
 if TYPE_CHECKING:
     from fedmtl.strategies.loop import FederatedLoop
@@ -52,18 +53,11 @@ class ClientInfo:
     num_test: int
     specs: dict[str, TensorSpec]
 
-    def group_of(self, name: str) -> str:
-        """Parameter group of a state-dict key: ``encoder``, ``decoders.<task>``, ..."""
-        head, _, rest = name.partition(".")
-        if head in ("decoders", "heads"):
-            return f"{head}.{rest.partition('.')[0]}"
-        return head
-
     def group_specs(self, shares: tuple[str, ...]) -> dict[str, dict[str, TensorSpec]]:
         """Specs of the shared tensors, by group (only groups named in ``shares``)."""
         out: dict[str, dict[str, TensorSpec]] = {}
         for name, spec in self.specs.items():
-            group = self.group_of(name)
+            group = group_of(name)
             if group.partition(".")[0] in shares:
                 out.setdefault(group, {})[name] = spec
         return out
@@ -123,11 +117,17 @@ class Strategy:
         """Tensors a client evaluates with after ``round_`` (default: next round's train arrays)."""
         return self.train_arrays(round_ + 1, client)
 
+    def upload_groups(self, client: ClientInfo) -> list[str] | None:
+        """The shared groups a client must send back after training (``None``: all of them)."""
+        return None
+
     def expected_reply(self, client: ClientInfo) -> dict[str, TensorSpec]:
         """Names, shapes and dtypes a client's ``train`` reply must carry."""
+        wanted = self.upload_groups(client)
         return {
             name: spec
-            for specs in client.group_specs(self.shares).values()
+            for group, specs in client.group_specs(self.shares).items()
+            if wanted is None or group in wanted
             for name, spec in specs.items()
         }
 

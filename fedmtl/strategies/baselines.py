@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fedmtl.aggregation.fedavg import weighted_average
 from fedmtl.strategies.base import ClientInfo, Reply, Strategy, register_strategy
-from fedmtl.strategies.loop import checkpoint_tensors, split_checkpoint
+from fedmtl.strategies.loop import FederatedLoop, checkpoint_tensors, split_checkpoint
 
 
 @register_strategy("local")
@@ -45,20 +45,43 @@ class GroupAveraging(Strategy):
                 out.update(self.global_groups.get(key, {}))
         return out
 
-    def aggregate(
-        self, round_: int, replies: Mapping[str, Reply], clients: Mapping[str, ClientInfo]
-    ) -> dict[str, float]:
-        """Weighted (by training examples) average per group key among repliers."""
+    def run_round(self, loop: FederatedLoop, round_: int, clients: list[ClientInfo]) -> None:
+        """Count who holds each group (decides what is uploaded), then FedAvg's round."""
+        self._count_holders(loop.clients)
+        super().run_round(loop, round_, clients)
+
+    def _count_holders(self, clients: Mapping[str, ClientInfo]) -> None:
         self.holders = {}
         for info in clients.values():
             for group in info.group_specs(self.shares):
                 key = info.group_key(group)
                 self.holders[key] = self.holders.get(key, 0) + 1
+
+    def upload_groups(self, client: ClientInfo) -> list[str] | None:
+        """The groups at least one other known client holds.
+
+        A group only this client has averages to its own tensors: uploading it would cost
+        bytes (a whole encoder) for nothing.
+        """
+        return [
+            group
+            for group in client.group_specs(self.shares)
+            if self.holders.get(client.group_key(group), 0) >= 2
+        ]
+
+    def aggregate(
+        self, round_: int, replies: Mapping[str, Reply], clients: Mapping[str, ClientInfo]
+    ) -> dict[str, float]:
+        """Weighted (by training examples) average per group key among repliers."""
+        self._count_holders(clients)
         members: dict[str, list[tuple[dict[str, Tensor], float]]] = {}
         for client_id, reply in replies.items():
             info = clients[client_id]
             weight = float(reply.metrics["num-examples"])
+            uploaded = set(self.upload_groups(info) or ())
             for group, specs in info.group_specs(self.shares).items():
+                if group not in uploaded:
+                    continue
                 tensors = {name: reply.arrays[name] for name in specs}
                 members.setdefault(info.group_key(group), []).append((tensors, weight))
         for key, entries in members.items():

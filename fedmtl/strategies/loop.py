@@ -31,6 +31,7 @@ from fedmtl.messages import (
     SERVER_ROUND,
     STATE_ROOT,
     TRAIN,
+    UPLOAD_GROUPS,
     ReplyError,
     content_bytes,
     from_array_record,
@@ -326,13 +327,13 @@ class FederatedLoop:
     def train_phase(self, round_: int, clients: list[ClientInfo]) -> dict[str, Reply]:
         """Send ``train`` with each client's own tensors; validate and return good replies."""
         strategy = self.strategy
-        contents = {
-            c.client_id: make_content(
-                {**self.base_config(round_, c.client_id), **strategy.train_config(round_, c)},
-                strategy.train_arrays(round_, c),
-            )
-            for c in clients
-        }
+        contents = {}
+        for c in clients:
+            config = {**self.base_config(round_, c.client_id), **strategy.train_config(round_, c)}
+            upload = strategy.upload_groups(c)
+            if upload is not None:
+                config[UPLOAD_GROUPS] = list(upload)
+            contents[c.client_id] = make_content(config, strategy.train_arrays(round_, c))
 
         def validate(client: ClientInfo, reply: Reply) -> None:
             validate_tensors(
