@@ -151,14 +151,6 @@ class FedMuscle(Strategy):
 
     # -- numbering ---------------------------------------------------------------------
 
-    def public_epoch(self, round_: int, epoch: int) -> int:
-        """Global public-epoch index of contrastive epoch ``epoch`` of ``round_`` (its order)."""
-        return (round_ - 1) * self.hyper.contrastive_epochs + epoch
-
-    def batch_number(self, epoch: int, batch: int) -> int:
-        """The batch's number within the round, the ``batch`` that seeds :func:`draw_peers`."""
-        return epoch * len(self.batch_sizes) + batch
-
     def representation_spec(self, batch: int) -> TensorSpec:
         """Shape and dtype of ``Z_b``."""
         return TensorSpec((self.batch_sizes[batch], self.hyper.projector_dim), "float32")
@@ -183,16 +175,18 @@ class FedMuscle(Strategy):
         loop.record_server(round_, self._metrics(state))
 
     def _epoch_schedule(self, state: ContrastiveRound) -> None:
-        all_batches = list(range(len(self.batch_sizes)))
-        for epoch in range(self.hyper.contrastive_epochs):
+        per_epoch = len(self.batch_sizes)
+        all_batches = list(range(per_epoch))
+        items = contrastive_schedule(self.experiment, state.round, per_epoch)
+        for first in range(0, len(items), per_epoch):
             if len(state.active) < 2:
                 break
-            public_epoch = self.public_epoch(state.round, epoch)
+            public_epoch = items[first][0]
             reps = self._represent(state, public_epoch, all_batches)
             payloads: dict[str, dict[str, Tensor]] = {}
             for batch in all_batches:
                 batch_reps = {c: z[batch] for c, z in reps.items()}
-                built = self._payloads(state, self.batch_number(epoch, batch), batch_reps)
+                built = self._payloads(state, first + batch, batch_reps)  # step = batch number
                 for anchor, tensors in built.items():
                     named = {payload_key(batch, k): v for k, v in tensors.items()}
                     payloads.setdefault(anchor, {}).update(named)
