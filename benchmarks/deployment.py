@@ -41,6 +41,7 @@ import tomli_w
 from fedmtl.config import load_experiment
 from fedmtl.deploy.local import LocalDeployment
 from fedmtl.results import RunDirectory
+from fedmtl.simulation import FLOWER_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "deployment.json"
@@ -133,7 +134,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}.items():
+    for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from fedmtl.aggregation.muscle_targets import client_payload, draw_peers, payload_bytes
 from fedmtl.deploy.credentials import write_certificates
 from fedmtl.messages import TensorSpec
+from fedmtl.simulation import FLOWER_ENV
 from fedmtl.stream.client import StreamClient, StreamTicket
 from fedmtl.stream.server import ExchangeServer, StreamEndpoint, StreamPhase
 from fedmtl.stream.wire import payload_frame_bytes, representation_bytes
@@ -211,11 +212,7 @@ def main() -> None:
     parser.add_argument("--skip-flower", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    for key, value in {
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    }.items():
+    for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
     torch.set_num_threads(1)
     result: dict[str, Any] = {

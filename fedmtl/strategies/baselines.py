@@ -72,8 +72,10 @@ class GroupAveraging(Strategy):
     def aggregate(
         self, round_: int, replies: Mapping[str, Reply], clients: Mapping[str, ClientInfo]
     ) -> dict[str, float]:
-        """Weighted (by training examples) average per group key among repliers."""
-        self._count_holders(clients)
+        """Weighted (by training examples) average per group key among repliers.
+
+        ``holders`` were counted by :meth:`run_round` before the train phase.
+        """
         members: dict[str, list[tuple[dict[str, Tensor], float]]] = {}
         for client_id, reply in replies.items():
             info = clients[client_id]

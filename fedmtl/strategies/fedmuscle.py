@@ -75,7 +75,7 @@ import statistics
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flwr.app import RecordDict
@@ -221,13 +221,9 @@ class FedMuscle(Strategy):
         hyper = self.hyper
         try:
             endpoint = StreamEndpoint.from_run_config(loop.run_config, hyper.stream_port)
-            full = self.batch_sizes[0]
-            down = payload_bytes(hyper.protocol, full, hyper.projector_dim, hyper.num_peers)
+            up, down = self._frame_limits()
             self._server = ExchangeServer(
-                endpoint,
-                max_receive=representation_bytes(full, hyper.projector_dim),
-                max_send=payload_frame_bytes(down),
-                max_clients=len(self.experiment.clients),
+                endpoint, max_receive=up, max_send=down, max_clients=len(self.experiment.clients)
             )
         except (StreamUnavailable, ValueError, OSError) as exc:
             port = loop.run_config.get("stream-port") or hyper.stream_port
@@ -240,6 +236,12 @@ class FedMuscle(Strategy):
             self._stream_failed = True
             return None
         return self._server
+
+    def _frame_limits(self) -> tuple[int, int]:
+        """Largest frame up (a representation) and down (a payload) the experiment implies."""
+        hyper, full = self.hyper, self.batch_sizes[0]
+        down = payload_bytes(hyper.protocol, full, hyper.projector_dim, hyper.num_peers)
+        return representation_bytes(full, hyper.projector_dim), payload_frame_bytes(down)
 
     def _stream_schedule(self, state: ContrastiveRound) -> None:
         """The batch schedule over the stream: one Flower message opens it, then gRPC frames."""
@@ -258,32 +260,27 @@ class FedMuscle(Strategy):
             batch_deadline=hyper.batch_deadline,
             connect_deadline=hyper.connect_deadline,
         )
-        ticket = dict(
+        up, down = self._frame_limits()
+        ticket = StreamTicket(
             address=server.address,
+            token="",
             ca_pem=server.endpoint.ca_pem(),
             connect_deadline=hyper.connect_deadline,
             batch_deadline=hyper.batch_deadline,
-            # The client receives payloads and sends representations: the server's limits mirrored.
-            max_receive=payload_frame_bytes(
-                payload_bytes(hyper.protocol, self.batch_sizes[0], hyper.projector_dim,
-                              hyper.num_peers)
-            ),
-            max_send=representation_bytes(self.batch_sizes[0], hyper.projector_dim),
-        )  # fmt: skip
+            max_receive=down,  # the client receives payloads and sends representations
+            max_send=up,
+        )
         contents = {
             c: make_content(
                 {
                     **state.loop.base_config(state.round, c),
-                    **StreamTicket(token=self._tokens[c], **ticket).to_config(),
+                    **replace(ticket, token=self._tokens[c]).to_config(),
                 }
             )
             for c in members
         }
         server.phase = phase
-        report: list[PhaseReport] = []
-        coordinator = threading.Thread(
-            target=lambda: report.append(phase.run()), name="stream-phase", daemon=True
-        )
+        coordinator = threading.Thread(target=phase.run, name="stream-phase", daemon=True)
         coordinator.start()
         try:
             replies = self._exchange(state, "align", ALIGN, contents, {c: {} for c in members})
@@ -291,12 +288,9 @@ class FedMuscle(Strategy):
             phase.cancel()  # every client has answered (or failed): nobody is left to wait for
             coordinator.join()
             server.phase = None
-        done = report[0] if report else phase.report
+        done = phase.report
+        self._add_losses(state, replies)
         for client, reply in replies.items():
-            steps = int(reply.metrics.get("align/steps", 0))
-            if steps:
-                state.loss_sum += float(reply.metrics["align/loss"]) * steps
-                state.steps += steps
             state.loop.record_client(
                 state.round,
                 client,
@@ -460,15 +454,20 @@ class FedMuscle(Strategy):
                 }
             contents[client] = make_content(config, dict(payloads.get(client, {})))
         replies = self._exchange(state, "align", ALIGN, contents, expected)
+        self._add_losses(state, replies)
+        if request is None:
+            return {}
+        key = representation_key(request[1])
+        return {c: {request[1]: reply.arrays[key]} for c, reply in replies.items()}
+
+    @staticmethod
+    def _add_losses(state: ContrastiveRound, replies: Mapping[str, Reply]) -> None:
+        """Fold the clients' contrastive steps and mean losses into the round's mean loss."""
         for reply in replies.values():
             steps = int(reply.metrics.get("align/steps", 0))
             if steps:
                 state.loss_sum += float(reply.metrics["align/loss"]) * steps
                 state.steps += steps
-        if request is None:
-            return {}
-        key = representation_key(request[1])
-        return {c: {request[1]: reply.arrays[key]} for c, reply in replies.items()}
 
     def _metrics(self, state: ContrastiveRound) -> dict[str, float]:
         """Server metrics of the round (timings are in each row's ``seconds/<phase>``)."""

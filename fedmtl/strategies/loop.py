@@ -342,9 +342,8 @@ class FederatedLoop:
 
         replies = self.exchange(round_, "train", TRAIN, contents, validate)
         for client_id, reply in replies.items():
-            self._row(round_, client_id).update(
-                {k: v for k, v in reply.metrics.items() if k != NUM_EXAMPLES}
-            )
+            metrics = {k: v for k, v in reply.metrics.items() if k != NUM_EXAMPLES}
+            self.record_client(round_, client_id, metrics)
         return replies
 
     def evaluate_phase(self, round_: int, clients: list[ClientInfo]) -> None:
@@ -356,9 +355,8 @@ class FederatedLoop:
             for c in clients
         }
         for client_id, reply in self.exchange(round_, "evaluate", EVALUATE, contents).items():
-            self._row(round_, client_id).update(
-                {k: v for k, v in reply.metrics.items() if k.startswith("eval/")}
-            )
+            metrics = {k: v for k, v in reply.metrics.items() if k.startswith("eval/")}
+            self.record_client(round_, client_id, metrics)
 
     # -- the run ----------------------------------------------------------------------
 

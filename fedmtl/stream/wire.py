@@ -30,8 +30,8 @@ def encode_tensor(tensor: Tensor) -> pb.Tensor:
     """
     if tensor.dtype != torch.float32:
         raise FrameError(f"the stream carries float32 tensors, got {tensor.dtype}")
-    array = tensor.detach().cpu().contiguous().numpy()
-    return pb.Tensor(dtype="float32", shape=list(array.shape), data=array.astype("<f4").tobytes())
+    array = np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype="<f4")  # no copy if LE
+    return pb.Tensor(dtype="float32", shape=list(array.shape), data=array.tobytes())
 
 
 def decode_tensor(frame: pb.Tensor, name: str, spec: TensorSpec | None = None) -> Tensor:
