@@ -18,7 +18,7 @@ from fedmtl.config import (
     ConfigError,
     Experiment,
     load_experiment,
-    parse_experiment,
+    with_algorithm,
 )
 
 console = Console()
@@ -56,13 +56,6 @@ class RichObserver:
         )
 
 
-def with_algorithm(experiment: Experiment, name: str) -> Experiment:
-    """Return the experiment running ``name`` with its ``[hyperparameters.<name>]``."""
-    data = experiment.model_dump(mode="json")
-    data["algorithm"] = {"name": name, **experiment.hyperparameters.get(name, {})}
-    return parse_experiment(data, check_data=False)
-
-
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -73,14 +66,21 @@ def _progress() -> Progress:
     )
 
 
-def _run_one(experiment: Experiment, output: str, resume_dir: str | None = None) -> Any:
+def _run_one(
+    experiment: Experiment,
+    output: str,
+    resume_dir: str | None = None,
+    label: str = "",
+    engine: str = "ray",
+) -> Any:
     from fedmtl.results import RunDirectory
-    from fedmtl.simulation import simulate
+    from fedmtl.simulation import run_in_process, simulate
 
     run_dir = RunDirectory(resume_dir) if resume_dir else RunDirectory.create(output, experiment)
     with _progress() as progress:
-        observer = RichObserver(progress, experiment.algorithm.name)
-        simulate(experiment, run_dir, resume=resume_dir is not None, observer=observer)
+        observer = RichObserver(progress, label or experiment.algorithm.name)
+        run = simulate if engine == "ray" else run_in_process
+        run(experiment, run_dir, resume=resume_dir is not None, observer=observer)
     return run_dir
 
 
@@ -93,14 +93,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.resume:
         run = RunDirectory(args.resume)
         experiment = run.experiment()
-        run_dir = _run_one(experiment, str(run.path.parent.parent), resume_dir=args.resume)
+        run_dir = _run_one(
+            experiment, str(run.path.parent.parent), resume_dir=args.resume, engine=args.engine
+        )
     else:
         experiment = load_experiment(args.config)
         if args.algorithm:
             experiment = with_algorithm(experiment, args.algorithm)
         if args.rounds:
             experiment = experiment.model_copy(update={"rounds": args.rounds})
-        run_dir = _run_one(experiment, args.output or experiment.output_dir)
+        run_dir = _run_one(experiment, args.output or experiment.output_dir, engine=args.engine)
     summary = summarize(run_dir)
     console.print(summary_table(summary))
     console.print(f"run folder: [bold]{run_dir.path}[/bold]  ({time.perf_counter() - start:.1f} s)")
@@ -108,34 +110,55 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Run several algorithms on the same clients and seed; print the Δ% table and plot."""
-    from fedmtl.report import compare_table, plot_runs, summarize
+    """Run several algorithms on the same clients, once per seed; print the Δ% ± CI table."""
+    import json
+
+    from fedmtl.compare import comparison_stats, parse_seeds, run_comparison, stats_table
+    from fedmtl.report import plot_runs, summarize
 
     experiment = load_experiment(args.config)
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     unknown = [a for a in algorithms if a not in ALGORITHM_NAMES]
     if unknown:
         raise ConfigError(f"--algorithms: unknown {unknown}; known: {list(ALGORITHM_NAMES)}")
-    if "local" in algorithms:  # the reference runs first so every Δ% has it
-        algorithms.remove("local")
-        algorithms.insert(0, "local")
+    seeds = parse_seeds(args.seeds, experiment.seed)
+    updates: dict[str, Any] = {}
+    if args.rounds is not None:
+        updates["rounds"] = args.rounds
+    if args.last_k is not None:
+        updates["average_last_rounds"] = args.last_k
+    experiment = experiment.model_copy(update=updates)
     output = args.output or experiment.output_dir
-    runs = {}
-    for name in algorithms:
-        runs[name] = _run_one(with_algorithm(experiment, name), output)
-    reference = runs.get("local")
-    summaries = {
-        name: summarize(run, reference if name != "local" else None) for name, run in runs.items()
-    }
+    runs, summaries = run_comparison(
+        experiment,
+        algorithms,
+        seeds,
+        run=lambda exp: _run_one(
+            exp, output, label=f"{exp.algorithm.name} seed {exp.seed}", engine=args.engine
+        ),
+        summarize=summarize,
+    )
+    stats = comparison_stats(summaries)
     compare_dir = Path(output) / experiment.name / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     compare_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_runs(runs, compare_dir / "compare.png")
-    import json
-
-    (compare_dir / "compare.json").write_text(json.dumps(summaries, indent=2, allow_nan=True))
-    console.print(compare_table(summaries))
+    record = {
+        "experiment": experiment.name,
+        "algorithms": list(runs),
+        "average_last_rounds": experiment.average_last_rounds,
+        "stats": stats,
+        "runs": {
+            name: {str(s): str(r.path) for s, r in by_seed.items()}
+            for name, by_seed in runs.items()
+        },
+        "summaries": {
+            name: {str(s): v for s, v in by_seed.items()} for name, by_seed in summaries.items()
+        },
+    }
+    (compare_dir / "compare.json").write_text(json.dumps(record, indent=2, allow_nan=True))
+    console.print(stats_table(stats, experiment.average_last_rounds))
     console.print(
-        f"plot: [bold]{plot}[/bold]\nruns: " + ", ".join(str(r.path) for r in runs.values())
+        f"plot: [bold]{plot}[/bold]\ncomparison: [bold]{compare_dir / 'compare.json'}[/bold]"
     )
     return 0
 
@@ -161,6 +184,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_engine(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=("ray", "inprocess"),
+        default="ray",
+        help="ray: Flower's simulation engine, clients in parallel actors (default); "
+        "inprocess: the same apps and messages, clients one by one in this process (no start-up)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="fedmtl", description=__doc__)
@@ -173,12 +206,26 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--algorithm", choices=ALGORITHM_NAMES, help="override algorithm.name")
     sim.add_argument("--rounds", type=int, help="override rounds")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
+    _add_engine(sim)
     sim.set_defaults(func=cmd_simulate)
 
     cmp = sub.add_parser("compare", help="run several algorithms; Δ%% table and plot")
     cmp.add_argument("config", help="experiment TOML file")
     cmp.add_argument("--algorithms", default="local,fedavg", help="comma-separated names")
     cmp.add_argument("--output", help="output directory")
+    cmp.add_argument(
+        "--seeds",
+        help="a count N (the file's seed and the N-1 after it) or a list like 0,1,2; "
+        "every algorithm runs once per seed on that seed's partitions and initialisation",
+    )
+    cmp.add_argument("--rounds", type=int, help="override rounds")
+    cmp.add_argument(
+        "--last-k",
+        type=int,
+        help="report each run's metric as the mean of its last K evaluated rounds "
+        "(default: the file's average_last_rounds, 3)",
+    )
+    _add_engine(cmp)
     cmp.set_defaults(func=cmd_compare)
 
     val = sub.add_parser("validate", help="check an experiment file (exit 2 if invalid)")

@@ -252,6 +252,8 @@ class Experiment(Strict):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+|mps)$")
     output_dir: str = "runs"
     evaluate_every: int = Field(1, ge=1)
+    # A run's reported metric is the mean of its last k evaluated rounds (one round is noisy).
+    average_last_rounds: int = Field(3, ge=1)
     clients_per_round: int | None = Field(None, ge=1)
     round_timeout: float = Field(600.0, gt=0)
     algorithm: AlgorithmConfig = FedAvgConfig()
@@ -444,6 +446,19 @@ def load_experiment(path: str | Path, *, check_data: bool = True) -> Experiment:
         return parse_experiment(data, check_data=check_data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def with_algorithm(experiment: Experiment, name: str) -> Experiment:
+    """The experiment running algorithm ``name`` with its ``[hyperparameters.<name>]``.
+
+    Raises
+    ------
+    ConfigError
+        If that section does not fit the algorithm (an unknown or mistyped key).
+    """
+    data = experiment.model_dump(mode="json")
+    data["algorithm"] = {"name": name, **experiment.hyperparameters.get(name, {})}
+    return parse_experiment(data, check_data=False)
 
 
 def experiment_to_json(experiment: Experiment) -> str:

@@ -34,10 +34,13 @@ def primary_metrics(experiment: Experiment) -> dict[str, dict[str, tuple[str, bo
 
 
 def primary_values(
-    experiment: Experiment, rows: Sequence[Mapping[str, Any]]
+    experiment: Experiment, rows: Sequence[Mapping[str, Any]], last_k: int | None = None
 ) -> dict[str, dict[str, tuple[float, bool]]]:
-    """``client → task → (final primary metric, higher_is_better)`` from metrics rows."""
-    finals = final_metrics(rows)
+    """``client → task → (primary metric, higher_is_better)``: the mean of the last k rounds.
+
+    ``last_k`` defaults to the experiment's ``average_last_rounds``.
+    """
+    finals = final_metrics(rows, last_k or experiment.average_last_rounds)
     out: dict[str, dict[str, tuple[float, bool]]] = {}
     for client, tasks in primary_metrics(experiment).items():
         for task, (metric, higher, _) in tasks.items():
@@ -47,16 +50,23 @@ def primary_values(
 
 
 def summarize(run: RunDirectory, reference: RunDirectory | None = None) -> dict[str, Any]:
-    """Build and write summary.json: final metric per client/task and Δ% vs local training."""
+    """Build and write summary.json: metric per client/task and Δ% vs local training.
+
+    Each value is the mean of the run's last ``average_last_rounds`` evaluated rounds
+    (``last_value`` is the newest round alone); the reference is averaged the same way.
+    """
     experiment = run.experiment()
     rows = run.read_metrics()
     values = primary_values(experiment, rows)
+    last_values = primary_values(experiment, rows, last_k=1)
     if reference is None and experiment.algorithm.name != "local":
         reference = find_reference_run(run)
     deltas: dict[str, dict[str, float]] = {}
     mean_delta = math.nan
     if reference is not None:
-        ref_values = primary_values(reference.experiment(), reference.read_metrics())
+        ref_values = primary_values(
+            reference.experiment(), reference.read_metrics(), experiment.average_last_rounds
+        )
         deltas, mean_delta = delta_table(values, ref_values)
     elif experiment.algorithm.name == "local":
         deltas, mean_delta = delta_table(values, values)
@@ -78,6 +88,7 @@ def summarize(run: RunDirectory, reference: RunDirectory | None = None) -> dict[
                     "metric": meta[cid][task][0],
                     "higher_is_better": meta[cid][task][1],
                     "value": values[cid][task][0],
+                    "last_value": last_values[cid][task][0],
                     "delta_vs_local_pct": deltas.get(cid, {}).get(task),
                 }
                 for task in client.tasks
@@ -89,6 +100,7 @@ def summarize(run: RunDirectory, reference: RunDirectory | None = None) -> dict[
         "algorithm": experiment.algorithm.name,
         "seed": experiment.seed,
         "rounds": experiment.rounds,
+        "average_last_rounds": experiment.average_last_rounds,
         "run_dir": str(run.path),
         "reference_run": str(reference.path) if reference is not None else None,
         "mean_delta_vs_local_pct": None if math.isnan(mean_delta) else mean_delta,
@@ -122,7 +134,8 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
                 "—" if delta is None else f"{delta:+.2f}",
             )
     mean = summary.get("mean_delta_vs_local_pct")
-    table.caption = (
+    k = summary.get("average_last_rounds", 1)
+    table.caption = f"value: mean of the last {k} evaluated round(s); " + (
         f"mean Δ% vs local: {_fmt(mean)}" if mean is not None else "no local run to compare"
     )
     return table
@@ -154,33 +167,120 @@ def compare_table(summaries: Mapping[str, Mapping[str, Any]]) -> Table:
     return table
 
 
-def plot_runs(runs: Mapping[str, RunDirectory], path: Path) -> Path:
-    """PNG of each client task's primary metric per round, one line per run (algorithm)."""
+RunsBySeed = Mapping[str, "RunDirectory | Mapping[int, RunDirectory]"]
+LINESTYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _series(runs: Sequence[RunDirectory], client: str | None, key: str) -> dict[int, list[float]]:
+    """``round → values over runs`` of ``key`` in the rows of ``client`` (any client if None)."""
+    out: dict[int, list[float]] = {}
+    for run in runs:
+        seen: set[int] = set()
+        for row in run.read_metrics():
+            if (client is None or row["client_id"] == client) and key in row:
+                round_ = int(row["round"])
+                if round_ in seen:  # server metrics repeat on every client's row
+                    continue
+                seen.add(round_)
+                value = float(row[key])
+                if math.isfinite(value):
+                    out.setdefault(round_, []).append(value)
+    return out
+
+
+def _draw(ax: Any, series: Mapping[int, list[float]], label: str, index: int) -> None:
+    """A mean line over seeds with a min–max band when there are several seeds."""
+    if not series:
+        return
+    xs = sorted(series)
+    means = [sum(series[x]) / len(series[x]) for x in xs]
+    style = {"linestyle": LINESTYLES[index % 4], "marker": MARKERS[index % len(MARKERS)]}
+    (line,) = ax.plot(xs, means, label=label, markersize=4, **style)
+    if any(len(series[x]) > 1 for x in xs):
+        low = [min(series[x]) for x in xs]
+        high = [max(series[x]) for x in xs]
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+
+
+MECHANISM_FAMILIES = (
+    ("server/fedmuscle/align_loss", "FedMuscle alignment loss (mean over clients)"),
+    ("server/mfed/distance/", "M-Fed ‖w_group − g‖ (mean over task groups)"),
+    ("server/mfed/lambda", "M-Fed λ"),
+    ("server/fedhca2/alpha/", "FedHCA2 α (mean over clients)"),
+    ("server/fedhca2/beta/", "FedHCA2 β (mean over clients and layers)"),
+)
+
+
+def mechanism_families(run: RunDirectory) -> list[tuple[str, str]]:
+    """``(metrics key prefix, panel title)`` of the algorithm's own per-round signals in a run."""
+    keys = {k for row in run.read_metrics() for k in row}
+    return [(p, t) for p, t in MECHANISM_FAMILIES if any(k.startswith(p) for k in keys)]
+
+
+def _family_series(runs: Sequence[RunDirectory], prefix: str) -> dict[int, list[float]]:
+    """``round → per-run mean over every server key starting with prefix``."""
+    out: dict[int, list[float]] = {}
+    for run in runs:
+        by_round: dict[int, list[float]] = {}
+        for row in run.read_metrics():
+            values = [float(v) for k, v in row.items() if k.startswith(prefix)]
+            finite = [v for v in values if math.isfinite(v)]
+            if finite and int(row["round"]) not in by_round:
+                by_round[int(row["round"])] = finite
+        for round_, values in by_round.items():
+            out.setdefault(round_, []).append(sum(values) / len(values))
+    return out
+
+
+def plot_runs(runs: RunsBySeed, path: Path) -> Path:
+    """PNG of each client task's primary metric per round, one line per algorithm.
+
+    ``runs`` maps a label to a run folder, or to ``seed → run folder``: with several seeds the
+    line is their mean and the band spans them. The algorithm's own signals (FedMuscle's
+    alignment loss against its chance level, M-Fed's encoder distances, FedHCA2's α) get
+    panels of their own.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    first = next(iter(runs.values())).experiment()
+    grouped = {
+        label: list(value.values()) if isinstance(value, Mapping) else [value]
+        for label, value in runs.items()
+    }
+    first = next(iter(grouped.values()))[0].experiment()
     meta = primary_metrics(first)
-    panels = [(c, t) for c, tasks in meta.items() for t in tasks]
+    panels: list[tuple[str | None, str, str]] = [
+        (
+            c,
+            f"eval/{t}/{meta[c][t][0]}",
+            f"{c}\n{t} ({meta[c][t][0]} {'↑' if meta[c][t][1] else '↓'})",
+        )
+        for c, tasks in meta.items()
+        for t in tasks
+    ]
+    mechanism: dict[str, str] = {}
+    for folders in grouped.values():
+        mechanism.update(mechanism_families(folders[0]))
+    panels += [(None, prefix, title) for prefix, title in mechanism.items()]
     cols = min(3, len(panels))
     rows_n = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.2 * rows_n), squeeze=False)
-    for ax, (client, task) in zip(axes.flat, panels):
-        metric, higher, _ = meta[client][task]
-        for label, run in runs.items():
-            points = [
-                (int(r["round"]), float(r[f"eval/{task}/{metric}"]))
-                for r in run.read_metrics()
-                if r["client_id"] == client and f"eval/{task}/{metric}" in r
-            ]
-            if points:
-                xs, ys = zip(*sorted(points))
-                ax.plot(xs, ys, marker="o", label=label)
-        ax.set_title(f"{client}\n{task}", fontsize=9)
+    for ax, (client, key, title) in zip(axes.flat, panels):
+        for index, (label, folders) in enumerate(grouped.items()):
+            series = _series(folders, client, key) if client else _family_series(folders, key)
+            _draw(ax, series, label, index)
+        if key == "server/fedmuscle/align_loss":
+            chance = _series(next(iter(grouped.values())), None, "server/fedmuscle/chance_loss")
+            if chance:
+                level = next(iter(chance.values()))[0]
+                ax.axhline(level, color="grey", linestyle=":", label="chance (M·log B)")
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")
-        ax.set_ylabel(f"{metric} {'↑' if higher else '↓'}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")

@@ -153,17 +153,34 @@ class RunDirectory:
         return json.loads(self.summary_path.read_text(encoding="utf-8"))
 
 
-def final_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Each client's newest evaluation metrics (``eval/<task>/<metric>`` → value)."""
-    latest: dict[str, tuple[int, dict[str, float]]] = {}
+def final_metrics(
+    rows: Iterable[Mapping[str, Any]], last_k: int = 1
+) -> dict[str, dict[str, float]]:
+    """Each client's evaluation metrics (``eval/<task>/<metric>``), averaged over its last rounds.
+
+    Parameters
+    ----------
+    rows : iterable of mapping
+        metrics.jsonl rows.
+    last_k : int
+        Average each metric over the client's ``last_k`` newest evaluated rounds (1: the newest
+        round alone). One round of 180 test samples is noisy; a mean over the flat end of the
+        learning curve is what the papers' tables report.
+    """
+    evaluated: dict[str, dict[int, dict[str, float]]] = {}
     for row in rows:
         evals = {k: v for k, v in row.items() if k.startswith("eval/") and k != "eval/loss"}
-        if not evals:
-            continue
-        client, round_ = row["client_id"], int(row["round"])
-        if client not in latest or latest[client][0] <= round_:
-            latest[client] = (round_, evals)
-    return {client: values for client, (_, values) in latest.items()}
+        if evals:
+            evaluated.setdefault(row["client_id"], {})[int(row["round"])] = evals
+    out: dict[str, dict[str, float]] = {}
+    for client, by_round in evaluated.items():
+        tail = [by_round[r] for r in sorted(by_round)[-max(1, last_k) :]]
+        keys = {k for evals in tail for k in evals}
+        out[client] = {
+            k: sum(float(e[k]) for e in tail if k in e) / sum(1 for e in tail if k in e)
+            for k in keys
+        }
+    return out
 
 
 def relative_delta(value: float, reference: float, higher_is_better: bool) -> float:

@@ -120,3 +120,30 @@ def simulate(
             f"the simulation ended without a summary; see the log above. Run folder: {run_dir.path}"
         )
     return run_dir
+
+
+def run_in_process(
+    experiment: Experiment,
+    run_dir: RunDirectory,
+    *,
+    resume: bool = False,
+    observer: Observer | None = None,
+) -> RunDirectory:
+    """Run (or resume) ``experiment`` in this process, the clients one after the other.
+
+    The same ServerApp code (:func:`fedmtl.server_app.run_experiment`), the same ClientApp and
+    the same message serialisation as Flower's engines, over :class:`fedmtl.testing.FakeGrid`
+    instead of Ray: no actor start-up and no process per client, so small federations and
+    repeated benchmark runs (``benchmarks/efficacy.py``) start in a second. The metrics equal a
+    simulation's for the same seed. Not for FedMuscle's ``channel = "stream"`` (its clients must
+    run at the same time).
+    """
+    from fedmtl.client_app import app as client_app
+    from fedmtl.server_app import run_experiment
+    from fedmtl.testing import FakeGrid
+
+    algorithm = experiment.algorithm
+    if isinstance(algorithm, FedMuscleConfig) and algorithm.channel == "stream":
+        raise RuntimeError("the in-process engine runs clients one by one: use channel='flower'")
+    grid = FakeGrid(client_app, len(experiment.clients))
+    return run_experiment(grid, experiment, run_dir, resume=resume, observer=observer)

@@ -15,7 +15,14 @@ from torch.utils.data import DataLoader
 from fedmtl.clients.state import StateStore
 from fedmtl.clients.training import Batch, resolve_device
 from fedmtl.config import ClientConfig, DatasetConfig, Experiment
-from fedmtl.data import DatasetSource, SampleSet, client_split, collate, create_dataset
+from fedmtl.data import (
+    DatasetSource,
+    SampleSet,
+    cap_positions,
+    client_split,
+    collate,
+    create_dataset,
+)
 from fedmtl.messages import TensorSpec
 from fedmtl.models import MultiTaskModel, build_model
 from fedmtl.seeding import derive_seed
@@ -157,7 +164,10 @@ class ClientSession:
             part = part.with_tasks(client.tasks)  # read only this client's targets
             cap = client.samples if name == "train" else client.test_samples
             if cap and not (name == "train" and dataset.partition.scheme == "sizes"):
-                part = part.subset(list(range(min(cap, len(part)))))
+                # A seeded, stratified subset: the first N of a class-sorted store would drop
+                # whole classes.
+                seed = derive_seed(exp.seed, self.client_id, "cap", name)
+                part = part.subset(cap_positions(len(part), cap, part.stratify_labels(), seed=seed))
             self._splits[name] = part
         return self._splits[name]
 

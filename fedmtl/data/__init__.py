@@ -13,7 +13,7 @@ from fedmtl.data.base import (
 from fedmtl.data.cifar import Cifar10Source, Cifar100Source
 from fedmtl.data.dense import NyudSource, PascalContextSource
 from fedmtl.data.multilabel import CocoMultilabelSource, VocMultilabelSource
-from fedmtl.data.partition import client_split, partition_indices
+from fedmtl.data.partition import cap_positions, client_split, partition_indices
 from fedmtl.data.public import PublicDataset
 from fedmtl.data.quickstart import QuickstartSource, QuickstartTextSource
 
@@ -31,6 +31,7 @@ __all__ = [
     "SampleSet",
     "TaskInfo",
     "VocMultilabelSource",
+    "cap_positions",
     "client_split",
     "collate",
     "create_dataset",

@@ -70,6 +70,7 @@ the round number; clients keep model and optimiser state in their versioned pers
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import statistics
 import threading
@@ -485,6 +486,11 @@ class FedMuscle(Strategy):
         }
         if state.steps:
             metrics["fedmuscle/align_loss"] = state.loss_sum / state.steps
+        peers = min(hyper.num_peers, len(state.members) - 1)
+        if hyper.loss in ("muscle", "infonce") and peers > 0:
+            # The loss when every representation is alike (nothing aligned): each of the M
+            # peers contributes log B. Falling below it is the sign the contrastive step acts.
+            metrics["fedmuscle/chance_loss"] = peers * math.log(full_batch)
         if state.exchange_seconds:
             metrics["fedmuscle/exchange_seconds_median"] = statistics.median(state.exchange_seconds)
             metrics["fedmuscle/exchange_overhead_seconds_median"] = statistics.median(
