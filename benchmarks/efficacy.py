@@ -46,28 +46,66 @@ FEDERATIONS: dict[str, tuple[str, list[str]]] = {
 
 
 def _init_worker() -> None:
+    import threading
+
     import torch
 
     from fedmtl.simulation import FLOWER_ENV
 
     os.environ.update(FLOWER_ENV)
     torch.set_num_threads(1)
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:  # a killed benchmark must not leave runs going on
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
 
 
-def _run(config: str, algorithm: str, seed: int, rounds: int | None, output: str) -> dict[str, Any]:
-    """One run in a worker process; returns where it wrote and how long it took."""
+def _experiment(config: str, algorithm: str, seed: int, rounds: int | None) -> Any:
+    """The resolved experiment of one run."""
     from fedmtl.config import load_experiment, with_algorithm
-    from fedmtl.results import RunDirectory
-    from fedmtl.simulation import run_in_process
 
     experiment = with_algorithm(load_experiment(ROOT / config), algorithm)
     update: dict[str, Any] = {"seed": seed}
     if rounds is not None:
         update["rounds"] = rounds
-    experiment = experiment.model_copy(update=update)
+    return experiment.model_copy(update=update)
+
+
+def finished_run(experiment: Any, output: str) -> dict[str, Any] | None:
+    """A finished run of exactly this resolved experiment under ``output``, if one exists.
+
+    The benchmark is long; rerunning it reuses what an interrupted invocation finished.
+    """
+    from fedmtl.config import experiment_to_json
+    from fedmtl.results import RunDirectory
+
+    wanted = experiment_to_json(experiment)
+    folder = Path(output) / experiment.name
+    for path in sorted(folder.glob(f"*-{experiment.algorithm.name}*")):
+        run = RunDirectory(path)
+        timing = path / "wall_seconds.txt"
+        if not (run.summary_path.exists() and timing.exists() and run.config_path.exists()):
+            continue
+        if run.config_path.read_text(encoding="utf-8") == wanted:
+            return {"path": str(path), "seconds": float(timing.read_text()), "reused": True}
+    return None
+
+
+def _run(config: str, algorithm: str, seed: int, rounds: int | None, output: str) -> dict[str, Any]:
+    """One run in a worker process; returns where it wrote and how long it took."""
+    from fedmtl.results import RunDirectory
+    from fedmtl.simulation import run_in_process
+
+    experiment = _experiment(config, algorithm, seed, rounds)
     start = time.perf_counter()
     run_dir = run_in_process(experiment, RunDirectory.create(output, experiment))
-    return {"path": str(run_dir.path), "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    (run_dir.path / "wall_seconds.txt").write_text(f"{seconds:.3f}\n")
+    return {"path": str(run_dir.path), "seconds": seconds}
 
 
 def mechanism(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -159,18 +197,26 @@ def main() -> int:
     load_start = os.getloadavg()
     start = time.perf_counter()
     done: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for fed, algorithm, seed in plan:
+        found = finished_run(
+            _experiment(FEDERATIONS[fed][0], algorithm, seed, args.rounds), args.output
+        )
+        if found is not None:
+            done[(fed, algorithm, seed)] = found
+    todo = [key for key in plan if key not in done]
+    print(f"{len(plan)} runs: {len(done)} finished before, {len(todo)} to run", flush=True)
     with ProcessPoolExecutor(
         max_workers=args.jobs, mp_context=get_context("spawn"), initializer=_init_worker
     ) as pool:
         futures = {
             pool.submit(_run, FEDERATIONS[f][0], a, s, args.rounds, args.output): (f, a, s)
-            for f, a, s in plan
+            for f, a, s in todo
         }
         for count, future in enumerate(as_completed(futures), 1):
             key = futures[future]
             done[key] = future.result()
             print(
-                f"[{count}/{len(plan)}] {key[0]} {key[1]} seed {key[2]}: "
+                f"[{count}/{len(todo)}] {key[0]} {key[1]} seed {key[2]}: "
                 f"{done[key]['seconds']:.0f} s (elapsed {time.perf_counter() - start:.0f} s)",
                 flush=True,
             )

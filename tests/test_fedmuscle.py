@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 from pathlib import Path
@@ -476,3 +477,23 @@ def test_paper_configs_validate_once_roots_exist(name: str, tmp_path: Path) -> N
     assert with_algorithm(experiment, "fedmuscle").algorithm == experiment.algorithm
     shutil.rmtree(tmp_path / "data0")
     assert main(["validate", str(target)]) == 2
+
+
+def test_alignment_loss_falls_below_chance(tmp_path: Path) -> None:
+    # Three clients, M = 2 peers, batches of B = 8: representations that carry nothing shared
+    # score M·log B (every peer contributes log B). A contrastive step that does nothing (no
+    # gradient, a zero rate, peers that are not the same samples) stays there.
+    experiment = muscle_experiment(
+        rounds=3, num_peers=2, contrastive_epochs=8, contrastive_lr=3e-3, schedule="batch"
+    )
+    data = experiment.model_dump(mode="json")
+    for client in data["clients"]:  # AdamW, as the bundled federations use
+        client["training"].update({"optimizer": "adamw", "lr": 1e-3})
+    run_dir, _, _ = run(parse_experiment(data), tmp_path)
+    rows = run_dir.read_metrics()
+    by_round = {r["round"]: r for r in rows}
+    chance = 2 * math.log(8)
+    assert by_round[1]["server/fedmuscle/chance_loss"] == pytest.approx(chance)
+    losses = [by_round[r]["server/fedmuscle/align_loss"] for r in (1, 2, 3)]
+    assert losses[0] > chance - 0.5  # starts near chance: nothing is aligned yet
+    assert losses[-1] < chance - 0.5, losses  # and ends clearly below it
