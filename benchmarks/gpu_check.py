@@ -48,13 +48,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from fedhca2_aggregation import (  # a sibling script: this folder is sys.path[0]
+
+# Sibling benchmark scripts: this folder is sys.path[0] when the script runs.
+from fedhca2_aggregation import (
     SWIN_T_PARAMS,
     decoder_shapes,
     encoder_shapes,
     local_states,
     random_state,
 )
+from overhead import RoundTimer
 
 from fedmtl.simulation import FLOWER_ENV
 
@@ -182,23 +185,6 @@ class GpuMemorySampler(threading.Thread):
 
 
 # -- 1. simulation ----------------------------------------------------------------------
-
-
-class RoundTimer:
-    """Observer recording the wall-clock end of every round."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.ends: list[float] = []
-
-    def on_start(self, experiment: Any, first_round: int) -> None:
-        self.start = time.perf_counter()
-
-    def on_phase(self, round_: int, phase: str, done: int, total: int) -> None:
-        pass
-
-    def on_round_end(self, round_: int, rows: list[dict[str, Any]]) -> None:
-        self.ends.append(time.perf_counter())
 
 
 def dry_experiment(experiment: Any) -> Any:
