@@ -124,10 +124,19 @@ def describe(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training on the server's tensors; reply with the shared tensors."""
+    """Local training on the server's tensors; reply with the shared tensors.
+
+    On CUDA the reply's metrics include ``gpu/peak_mb``: the allocator's peak during the
+    message (``torch.cuda.max_memory_allocated``, MiB; the CUDA context is not included).
+    """
     session, config = open_session(msg, context)
     algorithm = client_algorithm(session.experiment, session)
+    cuda = session.device.type == "cuda"
+    if cuda:  # this message's own peak: an actor serves many clients one after another
+        torch.cuda.reset_peak_memory_stats(session.device)
     outcome = algorithm.train(int(config[SERVER_ROUND]), _received(msg), config)
+    if cuda:
+        outcome.metrics["gpu/peak_mb"] = torch.cuda.max_memory_allocated(session.device) / 2**20
     content = make_reply_content(
         session.client_id, outcome.metrics, outcome.arrays, extra_arrays=outcome.extra_arrays
     )
