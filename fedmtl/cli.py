@@ -199,7 +199,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     console.print(
         f"plot: [bold]{plot}[/bold]\nruns: " + ", ".join(str(r.path) for r in runs.values())
     )
-    return 0
+    # issue 12: never exit 0 when a client of one of the runs never completed a round
+    return max((report_failures(run.experiment(), run) for run in runs.values()), default=0)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
