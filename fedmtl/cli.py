@@ -220,11 +220,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Re-draw the table and plots of a finished run."""
     from fedmtl.report import report
+    from fedmtl.results import RunDirectory
 
     if not (Path(args.run_dir) / "config.json").is_file():
         raise ConfigError(f"{args.run_dir}: not a fedmtl run folder (no config.json)")
     summary = report(args.run_dir, console)
     _print_reference(summary)
+    run = RunDirectory(args.run_dir)
+    report_failures(run.experiment(), run)  # shown again; the run's outcome is not report's
     console.print(f"plot: {Path(args.run_dir) / 'metrics.png'}")
     return 0
 
