@@ -100,3 +100,19 @@ def write_everything(root: Path) -> Path:
     for write in (write_cifar10, write_cifar100, write_voc, write_coco):
         write(root)
     return root
+
+
+def write_nyud(root: Path, ids: tuple[str, ...] = ("n1", "n2")) -> Path:
+    """The ATRC NYUD-v2 layout directly under ``root``: images, split lists, one file per task."""
+    rng = np.random.default_rng(2)
+    for index, stem in enumerate(ids):
+        _image(root / "images" / f"{stem}.png", index)
+        _image(root / "segmentation" / f"{stem}.png", index, mode="L")
+        for task, shape in (("depth", (SIZE, SIZE)), ("normals", (SIZE, SIZE, 3))):
+            (root / task).mkdir(parents=True, exist_ok=True)
+            np.save(root / task / f"{stem}.npy", rng.uniform(0.1, 1.0, shape).astype(np.float32))
+        _image(root / "edge" / f"{stem}.png", index, mode="L")
+    (root / "gt_sets").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        (root / "gt_sets" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
