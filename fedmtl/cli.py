@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -11,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from fedmtl.config import (
     ALGORITHM_NAMES,
@@ -23,6 +26,8 @@ from fedmtl.config import (
 
 console = Console()
 EXIT_BAD_INPUT = 2
+EXIT_CLIENT_FAILED = 1  # the run finished, but a client never completed a round
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 class RichObserver:
@@ -48,9 +53,14 @@ class RichObserver:
         )
 
     def on_round_end(self, round_: int, rows: list[dict[str, Any]]) -> None:
-        """Advance the bar; report failed clients."""
-        failed = [r["client_id"] for r in rows if r.get("status") == "failed"]
-        note = f" ({len(failed)} left out: {', '.join(failed)})" if failed else ""
+        """Advance the bar; print each failed client with the first line of its error."""
+        failed = [r for r in rows if r.get("status") == "failed"]
+        note = f" ({len(failed)} left out)" if failed else ""
+        for row in failed:
+            self.progress.console.print(
+                f"[yellow]round {round_}[/yellow]: {escape(str(row['client_id']))} left out: "
+                f"{escape(str(row.get('error', '')))}"
+            )
         self.progress.update(
             self.task, completed=round_, description=f"{self.label} round {round_} done{note}"
         )
@@ -63,6 +73,50 @@ def _progress() -> Progress:
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
         console=console,
+    )
+
+
+def _positive_int(text: str) -> int:
+    """Parse ``--rounds``: an int >= 1 (argparse exits 2 naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def report_failures(experiment: Experiment, run_dir: Any) -> int:
+    """Print the clients that failed a round; the exit code (1 if one never completed one)."""
+    from fedmtl.results import client_failures
+
+    failures = client_failures(experiment, run_dir.read_metrics())
+    if not failures:
+        return 0
+    table = Table(title="clients that failed")
+    for column in ("client", "failed rounds", "first error"):
+        table.add_column(column)
+    for client_id, entry in failures.items():
+        rounds = ", ".join(str(r) for r in entry["failed_rounds"]) or "all"
+        table.add_row(client_id, rounds, escape(entry["first_error"]))
+    console.print(table)
+    never = [c for c, entry in failures.items() if not entry["completed"]]
+    if never:
+        console.print(f"[red]error[/red]: never completed a round: {', '.join(never)}")
+        return EXIT_CLIENT_FAILED
+    return 0
+
+
+def _print_reference(summary: dict[str, Any]) -> None:
+    if summary.get("algorithm") == "local":
+        return
+    reference = summary.get("reference_run")
+    console.print(
+        f"Δ% reference: {reference}"
+        if reference
+        else "Δ% reference: none (no finished local run with the same clients, data, seed and "
+        "rounds)"
     )
 
 
@@ -86,6 +140,7 @@ def _run_one(
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run one experiment in Flower's simulation engine."""
+    from fedmtl.preflight import preflight
     from fedmtl.report import summarize, summary_table
     from fedmtl.results import RunDirectory
 
@@ -93,6 +148,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.resume:
         run = RunDirectory(args.resume)
         experiment = run.experiment()
+        preflight(experiment)
         run_dir = _run_one(
             experiment, str(run.path.parent.parent), resume_dir=args.resume, engine=args.engine
         )
@@ -100,13 +156,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         experiment = load_experiment(args.config)
         if args.algorithm:
             experiment = with_algorithm(experiment, args.algorithm)
-        if args.rounds:
+        if args.rounds is not None:
             experiment = experiment.model_copy(update={"rounds": args.rounds})
+        preflight(experiment)  # before the run folder exists: a bad file leaves nothing behind
         run_dir = _run_one(experiment, args.output or experiment.output_dir, engine=args.engine)
     summary = summarize(run_dir)
     console.print(summary_table(summary))
+    _print_reference(summary)
+    code = report_failures(experiment, run_dir)
     console.print(f"run folder: [bold]{run_dir.path}[/bold]  ({time.perf_counter() - start:.1f} s)")
-    return 0
+    return code
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -114,6 +173,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import json
 
     from fedmtl.compare import comparison_stats, parse_seeds, run_comparison, stats_table
+    from fedmtl.preflight import preflight
     from fedmtl.report import plot_runs, summarize
 
     experiment = load_experiment(args.config)
@@ -128,6 +188,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.last_k is not None:
         updates["average_last_rounds"] = args.last_k
     experiment = experiment.model_copy(update=updates)
+    # Every algorithm's experiment is checked before the first one runs.
+    preflight(experiment, variants=[with_algorithm(experiment, name) for name in algorithms])
     output = args.output or experiment.output_dir
     runs, summaries = run_comparison(
         experiment,
@@ -160,12 +222,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     console.print(
         f"plot: [bold]{plot}[/bold]\ncomparison: [bold]{compare_dir / 'compare.json'}[/bold]"
     )
-    return 0
+    # Never exit 0 when a client of one of the runs never completed a round.
+    return max(
+        (
+            report_failures(run.experiment(), run)
+            for by_seed in runs.values()
+            for run in by_seed.values()
+        ),
+        default=0,
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Validate an experiment file."""
+    """Validate an experiment file and what it needs on this machine (models, data, devices)."""
+    from fedmtl.preflight import preflight
+
     experiment = load_experiment(args.config)
+    variants = [with_algorithm(experiment, name) for name in experiment.hyperparameters]
+    preflight(experiment, variants=variants)
     console.print(
         f"[green]ok[/green]: {experiment.name}: {len(experiment.clients)} clients, "
         f"algorithm {experiment.algorithm.name}, {experiment.rounds} rounds"
@@ -176,10 +250,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     """Re-draw the table and plots of a finished run."""
     from fedmtl.report import report
+    from fedmtl.results import RunDirectory
 
     if not (Path(args.run_dir) / "config.json").is_file():
         raise ConfigError(f"{args.run_dir}: not a fedmtl run folder (no config.json)")
-    report(args.run_dir, console)
+    summary = report(args.run_dir, console)
+    _print_reference(summary)
+    run = RunDirectory(args.run_dir)
+    report_failures(run.experiment(), run)  # shown again; the run's outcome is not report's
     console.print(f"plot: {Path(args.run_dir) / 'metrics.png'}")
     return 0
 
@@ -204,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("config", nargs="?", help="experiment TOML file")
     sim.add_argument("--output", help="output directory (default: the file's output_dir)")
     sim.add_argument("--algorithm", choices=ALGORITHM_NAMES, help="override algorithm.name")
-    sim.add_argument("--rounds", type=int, help="override rounds")
+    sim.add_argument("--rounds", type=_positive_int, help="override rounds (>= 1)")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
     _add_engine(sim)
     sim.set_defaults(func=cmd_simulate)
@@ -218,10 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a count N (the file's seed and the N-1 after it) or a list like 0,1,2; "
         "every algorithm runs once per seed on that seed's partitions and initialisation",
     )
-    cmp.add_argument("--rounds", type=int, help="override rounds")
+    cmp.add_argument("--rounds", type=_positive_int, help="override rounds (>= 1)")
     cmp.add_argument(
         "--last-k",
-        type=int,
+        type=_positive_int,
         help="report each run's metric as the mean of its last K evaluated rounds "
         "(default: the file's average_last_rounds, 3)",
     )
@@ -252,11 +330,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "simulate" and not (args.config or args.resume):
         parser.error("simulate needs CONFIG or --resume RUN_DIR")
+    from fedmtl.strategies.loop import FederationFailed, RunInterrupted
+
     try:
         return int(args.func(args))
     except (ConfigError, FileNotFoundError) as exc:
-        console.print(f"[red]error[/red]: {exc}")
+        console.print(f"[red]error[/red]: {escape(str(exc))}")
         return EXIT_BAD_INPUT
+    except FederationFailed as exc:
+        console.print(f"[red]error[/red]: {escape(str(exc))}")
+        return EXIT_CLIENT_FAILED
+    except RunInterrupted as exc:
+        run = str(exc)
+        console.print(
+            f"\n[yellow]interrupted[/yellow]: run folder [bold]{escape(run)}[/bold]\n"
+            f"resume with: fedmtl simulate --resume {escape(run)}"
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Flower's worker threads may still wait on Ray futures that the shutdown cancelled;
+        # interpreter exit would join them forever. Files are written and Ray is down: leave.
+        os._exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

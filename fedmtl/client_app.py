@@ -11,11 +11,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 import fedmtl.clients  # noqa: F401  (registers every client algorithm)
@@ -40,6 +41,34 @@ log = logging.getLogger("fedmtl.client")
 app = ClientApp()
 
 ALL_GROUPS = ("encoder", "decoders", "projector")
+CLIENT_APP_RAISED_EXCEPTION = 2  # Flower's ErrorCode for "the ClientApp raised"
+
+Handler = Callable[[Message, Context], Message]
+
+
+def exception_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: what the server's row, table and progress show."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def reports_errors(handler: Handler) -> Handler:
+    """Answer an exception with an error reply whose reason is its first line.
+
+    Flower would send the same error, but as ``<class 'T'>:<'...'>`` with the whole message;
+    the full traceback still goes to this node's log.
+    """
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            log.exception("%s failed", msg.metadata.message_type)
+            error = Error(CLIENT_APP_RAISED_EXCEPTION, exception_line(exc))
+            return Message(error, reply_to=msg)
+
+    return guarded
 
 
 @functools.lru_cache(maxsize=4)
@@ -108,8 +137,26 @@ def _received(msg: Message) -> dict[str, torch.Tensor]:
 
 
 @app.query("describe")
+@reports_errors
 def describe(msg: Message, context: Context) -> Message:
-    """Tell the server who this node is and which tensors it can share."""
+    """Tell the server who this node is and which tensors it can share.
+
+    A node that knows its client but cannot serve it (its data is missing under ``data-dir``,
+    its device is absent, ...) says so in an ordinary reply with an ``error`` entry: the
+    server can then name the client, which an error reply would not tell it.
+    """
+    config = dict(msg.content[CONFIG])
+    client_id = client_id_of(context, _experiment(str(config[EXPERIMENT])))
+    try:
+        return _describe(msg, context)
+    except Exception as exc:
+        log.exception("client %s cannot start", client_id)
+        info = {"error": exception_line(exc)}
+        metrics = {NUM_EXAMPLES: 0, "num-test": 0}
+        return Message(make_reply_content(client_id, metrics, info=info), reply_to=msg)
+
+
+def _describe(msg: Message, context: Context) -> Message:
     session, _ = open_session(msg, context)
     model = session.new_model()
     info = {
@@ -123,6 +170,7 @@ def describe(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@reports_errors
 def train(msg: Message, context: Context) -> Message:
     """Local training on the server's tensors; reply with the shared tensors.
 
@@ -144,6 +192,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@reports_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the personal model on the local test split."""
     session, config = open_session(msg, context)
@@ -156,6 +205,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 @app.query("represent")
+@reports_errors
 def represent(msg: Message, context: Context) -> Message:
     """FedMuscle: representations of the requested public batches."""
     session, config = open_session(msg, context)
@@ -165,6 +215,7 @@ def represent(msg: Message, context: Context) -> Message:
 
 
 @app.train("align")
+@reports_errors
 def align(msg: Message, context: Context) -> Message:
     """FedMuscle: contrastive steps on the server's payloads (and the next representation)."""
     session, config = open_session(msg, context)

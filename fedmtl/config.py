@@ -7,7 +7,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # Backbone names fedmtl builds (timm names plus the transformers families). Kept here so the
 # experiment file is validated without importing torch; models/ enforces the same list.
@@ -193,15 +201,6 @@ class ModelConfig(Strict):
             f"or one of {TEXT_BACKBONES}"
         )
 
-    @field_validator("pretrained")
-    @classmethod
-    def _pretrained_exists(cls, value: str | None) -> str | None:
-        if value is None or value == "hub":
-            return value
-        if not Path(value).expanduser().exists():
-            raise ValueError(f"pretrained weights path does not exist: {value}")
-        return value
-
 
 class TrainingConfig(Strict):
     """Local-training settings; ``[defaults]`` fills what a client leaves out."""
@@ -310,6 +309,8 @@ class Experiment(Strict):
         unknown = sorted(set(self.hyperparameters) - set(ALGORITHM_NAMES))
         if unknown:
             raise ValueError(f"hyperparameters: unknown algorithm {unknown}")
+        for name, values in self.hyperparameters.items():
+            _check_hyperparameters(name, values)
         if self.public is not None and self.public.dataset not in self.datasets:
             raise ValueError(f"public.dataset: {self.public.dataset!r} is not declared")
         if self.algorithm.name == "fedmuscle" and self.public is None:
@@ -340,6 +341,31 @@ class Experiment(Strict):
                 yield client.client_id, task
 
 
+_ALGORITHM_ADAPTER: TypeAdapter[Any] = TypeAdapter(AlgorithmConfig)
+
+
+def _check_hyperparameters(name: str, values: dict[str, Any]) -> None:
+    """Validate ``[hyperparameters.<name>]`` as the algorithm section it becomes.
+
+    ``compare`` and ``--algorithm`` turn the table into ``[algorithm]`` only when they select
+    the algorithm; checking every table up front means a typo (``muu``) is refused before the
+    first run starts, not after the algorithms listed before it have run.
+    """
+    if "name" in values and values["name"] != name:
+        raise ValueError(f"hyperparameters.{name}.name: must be {name!r} or absent")
+    try:
+        _ALGORITHM_ADAPTER.validate_python({**values, "name": name})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            # drop pydantic's discriminator tag (the algorithm name) from the location
+            loc = [part for part in err["loc"] if part != name]
+            where = ".".join(str(part) for part in loc)
+            message = err["msg"].removeprefix("Value error, ")
+            problems.append(f"hyperparameters.{name}{'.' + where if where else ''}: {message}")
+        raise ValueError("; ".join(problems)) from None
+
+
 def _format_location(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -353,7 +379,9 @@ def _format_location(loc: tuple[int | str, ...]) -> str:
     return out or "<root>"
 
 
-def parse_experiment(data: dict[str, Any], *, check_data: bool = True) -> Experiment:
+def parse_experiment(
+    data: dict[str, Any], *, check_data: bool = True, check_files: bool = True
+) -> Experiment:
     """Validate a parsed experiment mapping.
 
     Parameters
@@ -361,8 +389,12 @@ def parse_experiment(data: dict[str, Any], *, check_data: bool = True) -> Experi
     data : dict
         The TOML document as a mapping.
     check_data : bool
-        Also check dataset kinds, task names against each dataset's task table, task/backbone
-        modality, dataset roots on disk and the public dataset (needs ``fedmtl.data``).
+        Also check dataset kinds and options, task names against each dataset's task table,
+        task/backbone modality, the views FedMuscle's public dataset must offer and the
+        partition sizes (needs ``fedmtl.data``).
+    check_files : bool
+        With ``check_data``, also check that dataset roots and local ``pretrained`` paths
+        exist. A deployed server passes ``False``: only the clients read those paths.
 
     Raises
     ------
@@ -378,12 +410,16 @@ def parse_experiment(data: dict[str, Any], *, check_data: bool = True) -> Experi
         ]
         raise ConfigError("invalid experiment file:\n  " + "\n  ".join(lines)) from None
     if check_data:
-        _check_data(experiment)
+        _check_data(experiment, check_files=check_files)
+        if check_files:
+            check_paths(experiment)
     return experiment
 
 
-def _check_data(experiment: Experiment) -> None:
+def _check_data(experiment: Experiment, *, check_files: bool) -> None:
+    """Checks that need the dataset registry (and, with ``check_files``, the dataset roots)."""
     from fedmtl.data import DATASET_REGISTRY, dataset_task_table
+    from fedmtl.data.base import accepted_options
 
     for name, dataset in experiment.datasets.items():
         field = f"datasets.{name}"
@@ -395,8 +431,20 @@ def _check_data(experiment: Experiment) -> None:
         cls = DATASET_REGISTRY[dataset.kind]
         if cls.requires_root and dataset.root is None:
             raise ConfigError(f"{field}.root: dataset kind {dataset.kind!r} needs a root path")
-        if dataset.root is not None and not Path(dataset.root).expanduser().exists():
-            raise ConfigError(f"{field}.root: path does not exist: {dataset.root}")
+        if not cls.requires_root and dataset.root is not None:
+            raise ConfigError(
+                f"{field}.root: dataset kind {dataset.kind!r} is bundled and takes no root"
+            )
+        if check_files and dataset.root is not None:
+            if not Path(dataset.root).expanduser().exists():
+                raise ConfigError(f"{field}.root: path does not exist: {dataset.root}")
+        accepted = accepted_options(cls)
+        for key in dataset.options:
+            if key not in accepted:
+                raise ConfigError(
+                    f"{field}.options.{key}: unknown option of dataset kind {dataset.kind!r}; "
+                    f"accepted: {accepted}"
+                )
     for i, client in enumerate(experiment.clients):
         dataset = experiment.datasets[client.dataset]
         table = dataset_task_table(dataset.kind, **dataset.options)
@@ -413,6 +461,7 @@ def _check_data(experiment: Experiment) -> None:
                 f"clients[{i}].model.backbone: {client.model.backbone!r} cannot read the "
                 f"{modality} inputs of dataset {client.dataset!r}"
             )
+    _check_public_views(experiment)
     partitions: dict[str, list[ClientConfig]] = {}
     for client in experiment.clients:
         partitions.setdefault(client.dataset, []).append(client)
@@ -426,8 +475,52 @@ def _check_data(experiment: Experiment) -> None:
             )
 
 
-def load_experiment(path: str | Path, *, check_data: bool = True) -> Experiment:
-    """Read and validate an experiment file.
+def _check_public_views(experiment: Experiment) -> None:
+    """FedMuscle clients represent the public dataset in their own modality: it needs that view."""
+    from fedmtl.data import DATASET_REGISTRY
+
+    public = experiment.public
+    if public is None or experiment.algorithm.name != "fedmuscle":
+        return
+    source = DATASET_REGISTRY[experiment.datasets[public.dataset].kind]
+    views = source.views()
+    for i, client in enumerate(experiment.clients):
+        modality = DATASET_REGISTRY[experiment.datasets[client.dataset].kind].modality
+        if modality not in views:
+            raise ConfigError(
+                f"clients[{i}].dataset: client {client.client_id!r} reads {modality} but the "
+                f"public dataset {public.dataset!r} (kind {source.kind!r}) offers only "
+                f"{list(views)} views; use a public dataset with a {modality} view "
+                "(e.g. kind 'quickstart') or drop the client"
+            )
+
+
+def check_paths(experiment: Experiment) -> None:
+    """Dataset roots and local ``pretrained`` paths exist on this machine.
+
+    Only the machines that read them need this: the simulating machine, or each client
+    machine (with its ``data-dir``); a deployed server reads neither.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``datasets.<name>.root`` or ``clients[i].model.pretrained``.
+    """
+    for name, dataset in experiment.datasets.items():
+        if dataset.root is not None and not Path(dataset.root).expanduser().exists():
+            raise ConfigError(f"datasets.{name}.root: path does not exist: {dataset.root}")
+    for i, client in enumerate(experiment.clients):
+        pretrained = client.model.pretrained
+        if pretrained not in (None, "hub") and not Path(pretrained).expanduser().exists():
+            raise ConfigError(
+                f"clients[{i}].model.pretrained: weights path does not exist: {pretrained}"
+            )
+
+
+def load_experiment(
+    path: str | Path, *, check_data: bool = True, check_files: bool = True
+) -> Experiment:
+    """Read and validate an experiment file (see :func:`parse_experiment` for the flags).
 
     Raises
     ------
@@ -443,7 +536,7 @@ def load_experiment(path: str | Path, *, check_data: bool = True) -> Experiment:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
-        return parse_experiment(data, check_data=check_data)
+        return parse_experiment(data, check_data=check_data, check_files=check_files)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -15,14 +17,82 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from fedmtl.config import Experiment, experiment_from_json, experiment_to_json
+from fedmtl.config import ConfigError, Experiment, experiment_from_json, experiment_to_json
+
+log = logging.getLogger("fedmtl.results")
+
+
+def file_mode() -> int:
+    """Permission bits a plain ``open()`` gives a new file here (0o666 less the umask).
+
+    ``tempfile.mkstemp`` creates 0o600 files; atomically written files get this mode instead,
+    so that every file of a run folder shares one mode whichever way it was written.
+    """
+    try:  # Linux: read the umask without changing it (os.umask would, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX: the directory entry is data too)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported (e.g. Windows): the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_replace(tmp: str | Path, target: Path) -> None:
+    """Give ``tmp`` the run folder's file mode, flush it to disk and rename it over ``target``.
+
+    A process killed at any point leaves either the old or the new ``target``, never a torn
+    one; after a power loss too, thanks to the two fsyncs.
+    """
+    os.chmod(tmp, file_mode())
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    fsync_directory(target.parent)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        atomic_replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run_fingerprint(experiment: Experiment) -> str:
+    """What makes two runs comparable: clients, datasets, public set, seed and rounds.
+
+    The algorithm, its hyper-parameters and the output folder are left out: runs that differ
+    only there are the ones a Δ% compares.
+    """
+    identity = {
+        "clients": [c.model_dump(mode="json") for c in experiment.clients],
+        "datasets": {k: v.model_dump(mode="json") for k, v in experiment.datasets.items()},
+        "public": None if experiment.public is None else experiment.public.model_dump(mode="json"),
+        "seed": experiment.seed,
+        "rounds": experiment.rounds,
+    }
+    text = json.dumps(identity, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class RunDirectory:
@@ -83,18 +153,48 @@ class RunDirectory:
 
     def append_metrics(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append rows to metrics.jsonl (flushed, so a crash loses at most the current round)."""
+        if self.metrics_path.exists() and not self.metrics_path.read_bytes().endswith(b"\n"):
+            # A torn line from a killed process would swallow the next row: rewrite without it.
+            self.truncate_metrics(max((int(r["round"]) for r in self.read_metrics()), default=0))
+        new = not self.metrics_path.exists()
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, allow_nan=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        if new:
+            fsync_directory(self.path)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """All rows of metrics.jsonl (empty if none yet)."""
+        """All rows of metrics.jsonl (empty if none yet).
+
+        A torn last line (a process killed while appending) is dropped with a warning; the
+        round it belonged to has no checkpoint yet, so a resumed run redoes it.
+
+        Raises
+        ------
+        ConfigError
+            If a line other than the last is not JSON (the file was damaged otherwise).
+        """
         if not self.metrics_path.exists():
             return []
         lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+        rows = []
+        for position, (number, line) in enumerate(numbered):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if position == len(numbered) - 1:
+                    log.warning(
+                        "%s: dropped the torn last line %d (%s)", self.metrics_path, number, exc
+                    )
+                    break
+                raise ConfigError(
+                    f"{self.metrics_path}: line {number} is not JSON ({exc}); the file is "
+                    "damaged beyond a torn last line"
+                ) from None
+        return rows
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop rows of rounds after ``last_round`` (a resumed run redoes them)."""
@@ -115,7 +215,7 @@ class RunDirectory:
         try:
             payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
             save_file(payload, tmp, metadata={"meta": json.dumps({**meta, "round": round_})})
-            os.replace(tmp, target)
+            atomic_replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -145,6 +245,17 @@ class RunDirectory:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write summary.json atomically."""
         _atomic_write_text(self.summary_path, json.dumps(summary, indent=2, allow_nan=True))
+
+    def is_finished(self) -> bool:
+        """Whether every round ran: the last round's checkpoint exists.
+
+        Not ``summary.json``: ``fedmtl report`` writes one for an interrupted run too.
+        """
+        try:
+            rounds = self.experiment().rounds
+        except (FileNotFoundError, ValueError):
+            return False
+        return rounds in self.checkpoint_rounds()
 
     def read_summary(self) -> dict[str, Any] | None:
         """summary.json, or ``None`` if the run has not finished."""
@@ -222,20 +333,56 @@ def delta_table(
 
 
 def find_reference_run(run: RunDirectory, algorithm: str = "local") -> RunDirectory | None:
-    """The newest finished ``algorithm`` run of the same experiment and seed beside ``run``."""
-    experiment = run.experiment()
+    """The newest finished ``algorithm`` run with the same fingerprint as ``run``, beside it.
+
+    Same fingerprint (:func:`run_fingerprint`): same clients, datasets, public set, seed and
+    rounds. Unfinished runs never serve, even if ``fedmtl report`` gave them a summary.
+    """
+    wanted = run_fingerprint(run.experiment())
     candidates = sorted(run.path.parent.glob(f"*-{algorithm}*"), reverse=True)
     for path in candidates:
         other = RunDirectory(path)
-        if path == run.path or other.read_summary() is None:
+        if path == run.path or not other.is_finished():
             continue
         try:
             theirs = other.experiment()
         except (FileNotFoundError, ValueError):
             continue
-        same_clients = [c.model_dump() for c in theirs.clients] == [
-            c.model_dump() for c in experiment.clients
-        ]
-        if theirs.seed == experiment.seed and same_clients and theirs.rounds == experiment.rounds:
+        if theirs.algorithm.name == algorithm and run_fingerprint(theirs) == wanted:
             return other
     return None
+
+
+def client_failures(
+    experiment: Experiment, rows: Iterable[Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Clients with a failed round: which rounds, the first and last error, whether any worked.
+
+    Returns
+    -------
+    dict
+        ``client → {"failed_rounds": [...], "first_error": str, "last_error": str,
+        "completed": bool}`` for every client with at least one failed round or no row at
+        all (never online); ``completed`` is whether one of its rounds succeeded.
+    """
+    seen: dict[str, dict[str, Any]] = {
+        c.client_id: {"failed_rounds": [], "first_error": "", "last_error": "", "completed": False}
+        for c in experiment.clients
+    }
+    rows_of: dict[str, int] = {}
+    for row in rows:
+        entry = seen.get(str(row.get("client_id")))
+        if entry is None:
+            continue
+        rows_of[row["client_id"]] = rows_of.get(row["client_id"], 0) + 1
+        if row.get("status") == "failed":
+            entry["failed_rounds"].append(int(row["round"]))
+            error = str(row.get("error", ""))
+            entry["first_error"] = entry["first_error"] or error
+            entry["last_error"] = error
+        else:
+            entry["completed"] = True
+    for client_id, entry in seen.items():
+        if client_id not in rows_of:
+            entry["first_error"] = entry["last_error"] = "never online: no node answered for it"
+    return {c: e for c, e in seen.items() if e["failed_rounds"] or not e["completed"]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,9 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmtl.config import Experiment, load_experiment
+from fedmtl.preflight import check_models
 from fedmtl.report import plot_runs, summarize
-from fedmtl.results import RunDirectory
+from fedmtl.results import RunDirectory, client_failures
 from fedmtl.strategies import FederatedLoop, create_strategy
 from fedmtl.strategies.loop import Observer
 
@@ -29,8 +31,12 @@ def run_experiment(
     observer: Observer | None = None,
     state_root: str | None = None,
     run_config: Mapping[str, Any] | None = None,
+    stop: threading.Event | None = None,
 ) -> RunDirectory:
-    """Run every round of ``experiment`` over ``grid``, then write summary.json and plots."""
+    """Run every round of ``experiment`` over ``grid``, then write summary.json and plots.
+
+    ``stop`` (set on Ctrl-C) ends the run with :class:`~fedmtl.strategies.loop.RunInterrupted`.
+    """
     strategy = create_strategy(experiment)
     loop = FederatedLoop(
         grid,
@@ -40,6 +46,7 @@ def run_experiment(
         observer=observer,
         state_root=state_root,
         run_config=run_config,
+        stop=stop,
     )
     loop.run(resume=resume)
     summarize(run_dir)
@@ -65,13 +72,22 @@ def make_server_app(
     *,
     resume: bool = False,
     observer: Observer | None = None,
+    stop: threading.Event | None = None,
+    done: threading.Event | None = None,
 ) -> ServerApp:
-    """A ServerApp bound to one experiment and run folder (``fedmtl simulate`` uses this)."""
+    """A ServerApp bound to one experiment and run folder (``fedmtl simulate`` uses this).
+
+    ``done`` is set when the ServerApp returns or raises (its last file written).
+    """
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_experiment(grid, experiment, run_dir, resume=resume, observer=observer)
+        try:
+            run_experiment(grid, experiment, run_dir, resume=resume, observer=observer, stop=stop)
+        finally:
+            if done is not None:
+                done.set()
 
     return server
 
@@ -93,9 +109,24 @@ def main(grid: Grid, context: Context) -> None:
         run_dir = RunDirectory(resume_dir)
         experiment = run_dir.experiment()
     else:
+        # Dataset roots and pretrained weights live on the client machines (each checks its
+        # own, under its data-dir): the server checks everything else, models included.
         experiment = load_experiment(
-            resolve_experiment_path(str(config.get("experiment", "configs/quickstart.toml")))
+            resolve_experiment_path(str(config.get("experiment", "configs/quickstart.toml"))),
+            check_files=False,
         )
+        check_models(experiment)
         run_dir = RunDirectory.create(str(config.get("output-dir", "runs")), experiment)
     log.info("fedmtl run folder: %s", run_dir.path)
     run_experiment(grid, experiment, run_dir, resume=bool(resume_dir), run_config=config)
+    never = {
+        c: f
+        for c, f in client_failures(experiment, run_dir.read_metrics()).items()
+        if not f["completed"]
+    }
+    if never:
+        # The run's status then says "failed": a client that never worked is not a success.
+        raise RuntimeError(
+            "clients that never completed a round: "
+            + "; ".join(f"{c}: {f['last_error']}" for c, f in never.items())
+        )

@@ -120,3 +120,30 @@ def test_compare_two_seeds_pairs_each_run_with_its_seeds_local(tmp_path: Path) -
     stats = comparison_stats(summaries)
     entry = stats["algorithms"]["fedavg"]["mean_delta"]
     assert len(entry["per_seed"]) == 2 and entry["ci95"] is not None
+
+
+def test_cli_compare_with_seeds_writes_per_seed_values_and_intervals(tmp_path: Path) -> None:
+    import json
+
+    from fedmtl.cli import main
+
+    root = Path(__file__).resolve().parent
+    code = main(
+        [
+            "compare", str(root / "data" / "tiny.toml"), "--algorithms", "local,fedavg",
+            "--seeds", "2", "--rounds", "1", "--last-k", "1", "--engine", "inprocess",
+            "--output", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    (record_path,) = tmp_path.glob("*/compare-*/compare.json")
+    record = json.loads(record_path.read_text())
+    assert record["stats"]["seeds"] == [1, 2]  # tiny.toml's seed 1 and the one after it
+    assert set(record["runs"]["fedavg"]) == {"1", "2"}
+    entry = record["stats"]["algorithms"]["fedavg"]["mean_delta"]
+    assert len(entry["per_seed"]) == 2
+    assert entry["ci95"] is not None or None in entry["per_seed"]
+    # each seed's fedavg run was compared with that seed's local run
+    for seed in ("1", "2"):
+        assert record["summaries"]["fedavg"][seed]["reference_run"] == record["runs"]["local"][seed]
+    assert (record_path.parent / "compare.png").stat().st_size > 1000

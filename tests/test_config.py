@@ -93,9 +93,17 @@ def test_text_backbone_on_image_data_is_refused(tmp_path: Path) -> None:
         load_experiment(path)
 
 
-def test_bundled_configs_validate() -> None:
+def test_bundled_configs_validate(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
     root = Path(__file__).resolve().parents[1] / "configs"
     for path in sorted(root.glob("*.toml")):
         if "paper" in path.name:
             continue  # need user data paths; see test_paper_configs_validate_with_paths
+        if path.name == "gpu_check.toml" and not torch.cuda.is_available():
+            # the GPU check's federation asks for fractional GPUs: refused, by name, on a CPU box
+            capsys.readouterr()
+            assert main(["validate", str(path)]) == 2
+            assert "simulation.num_gpus_per_client" in capsys.readouterr().out
+            continue
         assert main(["validate", str(path)]) == 0, path

@@ -32,6 +32,7 @@ from fedmtl.strategies import STRATEGIES
 from fedmtl.testing import FakeGrid
 from tests import faulty_client
 from tests.helpers import eval_rows, run_in_process
+from tests.layouts import write_cifar10
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,7 +280,9 @@ def test_malformed_replies_are_rejected_without_harming_others(
         info = cluster.wait_run(run_id, RUN_TIMEOUT)
     finally:
         cluster.stop("supernode-b")  # the cluster fixture restarts it with its planned command
-    assert info["status"] == "finished:completed", info
+    # b never completed a round, so the run ends failed (issue 12), after writing everything.
+    assert info["status"] == "finished:failed", info
+    assert only_run_dir(tmp_path / "runs").read_summary() is not None
     rows = only_run_dir(tmp_path / "runs").read_metrics()
     bad = {r["round"]: r for r in rows if r["client_id"] == "b"}
     assert bad[1]["status"] == "failed" and "shape" in bad[1]["error"], bad[1]
@@ -362,3 +365,50 @@ def test_killed_node_is_left_out_then_rejoins_from_its_state(
         torch.set_num_threads(2)
     assert by_round[(first, "c")]["train/loss"] == pytest.approx(resumed.metrics["train/loss"])
     assert fresh.metrics["train/loss"] != resumed.metrics["train/loss"]
+
+
+# --------------------------------------------------------------------------- data on clients
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 600)
+def test_server_reads_no_data_and_clients_read_their_data_dir(
+    cluster: LocalDeployment, tmp_path: Path
+) -> None:
+    # Every client trains on CIFAR-10 from its node's data-dir; the experiment's root exists
+    # nowhere, so the ServerApp (same machine here) could not open it even if it tried.
+    data = write_cifar10(tmp_path / "client-data")
+    missing = tmp_path / "c-has-no-data"
+    missing.mkdir()
+    text = write_experiment(tmp_path / "exp.toml", "fedavg", rounds=2, evaluate_every=2).read_text()
+    text = text.replace(
+        'kind = "quickstart"', f'kind = "cifar10"\nroot = "{tmp_path / "not-on-the-server"}"'
+    )
+    for task in ("digit", "attributes", "segmentation"):
+        text = text.replace(f'tasks = ["{task}"]', 'tasks = ["label"]')
+    experiment = tmp_path / "exp.toml"
+    experiment.write_text(text)
+    app_dir = make_app_dir(tmp_path / "app", "fedmtl.client_app:app")
+    for index, client_id in enumerate(CLIENTS):
+        directory = missing if client_id == "c" else data
+        argv = list(cluster.plan.supernodes[client_id].argv)
+        argv[-1] = node_config(cluster.settings, client_id, index) + f" data-dir='{directory}'"
+        cluster.stop(f"supernode-{client_id}")
+        cluster.start_supernode(client_id, argv)
+    try:
+        cluster.wait_for(lambda: len(cluster.online_nodes()) == len(CLIENTS), 300)
+        run_id = submit(cluster, app_dir, experiment, tmp_path / "runs")
+        info = cluster.wait_run(run_id, RUN_TIMEOUT)
+    finally:
+        for client_id in CLIENTS:  # the cluster fixture restarts them with their plan
+            cluster.stop(f"supernode-{client_id}")
+    run_dir = only_run_dir(tmp_path / "runs")  # the server started the run without the data
+    rows = run_dir.read_metrics()
+    for round_ in (1, 2):
+        by_client = {r["client_id"]: r for r in rows if r["round"] == round_}
+        assert all(by_client[c].get("status") != "failed" for c in ("a", "b")), by_client
+        error = by_client["c"]["error"]
+        assert by_client["c"]["status"] == "failed", by_client["c"]
+        assert error.startswith("describe: FileNotFoundError: datasets.digits (data-dir "), error
+        assert str(missing) in error and "cifar-10-batches-py" in error, error
+    assert "eval/label/accuracy" in {k for r in rows if r["client_id"] == "a" for k in r}
+    assert info["status"] == "finished:failed", info  # c never completed a round

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from fedmtl.strategies.base import ClientInfo
 from fedmtl.strategies.fedhca2 import FedHCA2, client_order, decoder_order, shared_structure
 from fedmtl.testing import FakeGrid
 from tests.helpers import run_in_process, tiny_experiment
+from tests.layouts import write_nyud, write_pascal_context
 
 ROOT = Path(__file__).resolve().parents[1]
 LR, MOMENTUM, WD, INIT = 0.01, 0.9, 1e-4, 0.1
@@ -398,6 +400,14 @@ def test_paper_configs_validate_once_roots_exist(
         text = text.replace(placeholder, f'"{tmp_path / folder}"')
     path = tmp_path / name
     path.write_text(text)
+    # validate reads each dataset's index too: empty folders are not a dataset (issue 12)
+    assert main(["validate", str(path)]) == 2
+    write_pascal_context(tmp_path / "PASCALContext")
+    write_nyud(tmp_path / "NYUDv2")
+    if not torch.cuda.is_available() and "num_gpus_per_client = 0." in text:
+        assert main(["validate", str(path)]) == 2  # simulation.num_gpus_per_client
+        text = re.sub(r"num_gpus_per_client = [0-9.]+", "num_gpus_per_client = 0.0", text)
+        path.write_text(text)
     assert main(["validate", str(path)]) == 0
     experiment = load_experiment(path)
     assert experiment.algorithm.name == "fedhca2"

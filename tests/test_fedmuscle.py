@@ -34,6 +34,7 @@ from fedmtl.results import RunDirectory
 from fedmtl.strategies.fedmuscle import ContrastiveRound, FedMuscle
 from fedmtl.testing import FakeGrid
 from tests.helpers import run_in_process, tiny_experiment
+from tests.layouts import write_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = ["a-digit", "b-digit", "c-seg-depth"]
@@ -469,6 +470,13 @@ def test_paper_configs_validate_once_roots_exist(name: str, tmp_path: Path) -> N
         text = text.replace(f'root = "{root}"', f'root = "{directory}"')
     target = tmp_path / source.name
     target.write_text(text)
+    # validate reads each dataset's index too: empty folders are not a dataset (issue 12)
+    assert main(["validate", str(target)]) == 2
+    for index in range(len(roots)):
+        write_everything(tmp_path / f"data{index}")
+    if not torch.cuda.is_available():  # as the file's comment says for CPU-only machines
+        assert main(["validate", str(target)]) == 2  # simulation.num_gpus_per_client
+        target.write_text(text.replace("num_gpus_per_client = 0.5", "num_gpus_per_client = 0.0"))
     assert main(["validate", str(target)]) == 0
     experiment = load_experiment(target)
     assert experiment.algorithm.name == "fedmuscle" and experiment.algorithm.num_peers == 3

@@ -31,6 +31,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow  # Flower's Ray engine starts in part 1: about a minute on 2 quiet cores
 @pytest.mark.timeout(300)
 def test_dry_run_measures_every_part(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"

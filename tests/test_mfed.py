@@ -18,6 +18,7 @@ from fedmtl.config import ConfigError, Experiment, load_experiment, parse_experi
 from fedmtl.data import SampleSet
 from fedmtl.testing import FakeGrid
 from tests.helpers import run_in_process, tiny_experiment
+from tests.layouts import write_pascal_context
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = ("a-digit", "b-digit", "c-seg-depth")
@@ -314,6 +315,13 @@ def test_paper_config_validates_once_root_exists(tmp_path: Path) -> None:
         (root / sub).mkdir(parents=True)
     rewritten = tmp_path / "paper.toml"
     rewritten.write_text(text.replace('"/data/PASCALContext"', f'"{root}"'))
+    # validate reads the index too: empty folders are not a dataset (issue 12)
+    assert main(["validate", str(rewritten)]) == 2
+    write_pascal_context(root)
+    if not torch.cuda.is_available():  # as the file's comment says for CPU-only machines
+        assert main(["validate", str(rewritten)]) == 2  # simulation.num_gpus_per_client
+        text = text.replace("num_gpus_per_client = 0.5", "num_gpus_per_client = 0.0")
+        rewritten.write_text(text.replace('"/data/PASCALContext"', f'"{root}"'))
     experiment = load_experiment(rewritten)
     assert experiment.algorithm.name == "mfed"
     assert {c.model.backbone for c in experiment.clients} == {"resnet50"}

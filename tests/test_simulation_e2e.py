@@ -80,3 +80,58 @@ def test_cli_simulate_leaves_no_process(tmp_path: Path) -> None:
     leftover = subprocess.run(["pgrep", "-f", ray_dir], capture_output=True, text=True)
     assert leftover.stdout == "", f"the CLI left Ray processes running: {leftover.stdout}"
     shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_stops_cleanly_and_the_printed_command_resumes(tmp_path: Path) -> None:
+    import re
+    import signal
+
+    config = tmp_path / "exp.toml"
+    config.write_text((ROOT / "tests" / "data" / "tiny.toml").read_text())
+    ray_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # as above: finds this run's Ray
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_TMPDIR": ray_dir, "COLUMNS": "500"}
+    output = tmp_path / "runs"
+    argv = [sys.executable, "-m", "fedmtl.cli", "simulate", str(config), "--output", str(output)]
+    # Its own process group, like a terminal's foreground job: Ctrl-C reaches every process.
+    process = subprocess.Popen(
+        [*argv, "--rounds", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 400
+        while not any(output.glob("*/*/checkpoints/round-1.safetensors")):
+            assert process.poll() is None and time.monotonic() < deadline, "round 1 never ended"
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, stdout[-3000:]
+    assert "Traceback" not in stdout, stdout[-3000:]
+    found = re.search(r"resume with: fedmtl simulate --resume (\S+)", stdout)
+    assert found is not None, stdout[-3000:]
+    run_dir = RunDirectory(found.group(1))
+    assert run_dir.checkpoint_rounds()[0] >= 1 and run_dir.read_summary() is None
+    time.sleep(2)  # Ray's daemons exit asynchronously after shutdown
+    leftover = subprocess.run(["pgrep", "-f", ray_dir], capture_output=True, text=True)
+    assert leftover.stdout == "", f"Ctrl-C left Ray processes running: {leftover.stdout}"
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "fedmtl.cli", "simulate", "--resume", str(run_dir.path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert run_dir.is_finished()
+    rounds = [r["round"] for r in run_dir.read_metrics()]
+    assert rounds == sorted(rounds) and set(rounds) == {1, 2, 3}
+    shutil.rmtree(ray_dir, ignore_errors=True)

@@ -146,7 +146,12 @@ class ClientSession:
         if name not in self._splits:
             exp, client = self.experiment, self.client
             dataset = exp.datasets[client.dataset]
-            source = dataset_source(dataset, exp.seed, self.data_root)
+            try:
+                source = dataset_source(dataset, exp.seed, self.data_root)
+            except (FileNotFoundError, ValueError) as exc:
+                # Name the dataset and where this node looked: on a SuperNode, the data-dir.
+                where = f"data-dir {self.data_root}" if self.data_root else f"root {dataset.root}"
+                raise type(exc)(f"datasets.{client.dataset} ({where}): {exc}") from exc
             members = exp.dataset_members(client.dataset)
             sizes = None
             if dataset.partition.scheme == "sizes":

@@ -13,6 +13,8 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from fedmtl.results import atomic_replace
+
 _VERSION = re.compile(r"^round-(\d+)\.safetensors$")
 
 
@@ -55,7 +57,7 @@ class StateStore:
         try:
             contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
             save_file(contiguous, tmp, metadata={"meta": json.dumps(dict(meta or {}))})
-            os.replace(tmp, target)
+            atomic_replace(tmp, target)  # fsynced, and the mode of the run folder's files
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

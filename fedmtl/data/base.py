@@ -166,6 +166,10 @@ class DatasetSource(ABC):
     requires_root: ClassVar[bool] = True
     TASKS: ClassVar[dict[str, TaskInfo]] = {}
     LAYOUT: ClassVar[str] = ""  # the expected on-disk layout, quoted in missing-path errors
+    # Modalities ``counterpart`` offers besides ``modality`` (quickstart: its captions).
+    OTHER_VIEWS: ClassVar[tuple[str, ...]] = ()
+    # Side of the images when ``image_size`` is None, if every image has it (CIFAR: 32).
+    NATIVE_IMAGE_SIZE: ClassVar[int | None] = None
 
     def __init__(
         self, root: str | Path | None = None, *, image_size: int | None = None, seed: int = 0
@@ -196,6 +200,41 @@ class DatasetSource(ABC):
         """
         check_options(cls, options)
         return dict(cls.TASKS)
+
+    @classmethod
+    def views(cls) -> tuple[str, ...]:
+        """Modalities this dataset can be read in (its own first); see :meth:`counterpart`."""
+        return (cls.modality, *cls.OTHER_VIEWS)
+
+    def check(self, tasks: Sequence[str]) -> None:
+        """Read both splits' indices and the first sample of each, with targets for ``tasks``.
+
+        Run before a federation starts, so that an empty root, a wrong layout or a missing
+        annotation file is reported naming the path, not as a client failing in round 1.
+
+        Raises
+        ------
+        FileNotFoundError
+            Naming the missing file and the expected layout.
+        ValueError
+            If a split is empty or a file cannot be parsed.
+        """
+        for name in SPLITS:
+            samples = self.split(name)
+            if len(samples) == 0:
+                raise ValueError(f"{self.kind}: the {name} split is empty{self._where()}")
+            try:
+                samples.with_tasks(list(tasks))[0]
+            except (FileNotFoundError, ValueError):
+                raise
+            except Exception as exc:  # a decoder error (truncated image, bad pickle, ...)
+                raise ValueError(
+                    f"{self.kind}: the first {name} sample cannot be read{self._where()}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+
+    def _where(self) -> str:
+        return f" (root {self.root})" if self.root is not None else ""
 
     def split(self, split: str) -> SampleSet:
         """The ``"train"`` or ``"test"`` split with targets for every offered task.
@@ -292,6 +331,15 @@ def _source_class(kind: str) -> type[DatasetSource]:
         raise KeyError(
             f"unknown dataset kind {kind!r}; known: {sorted(DATASET_REGISTRY)}"
         ) from None
+
+
+def accepted_options(cls: type[DatasetSource]) -> list[str]:
+    """Keyword options the source's constructor takes besides ``root``, ``image_size``, ``seed``.
+
+    Those three come from ``[datasets.X]`` itself, so they are not ``options``.
+    """
+    fixed = ("self", "root", "image_size", "seed")
+    return [name for name in inspect.signature(cls.__init__).parameters if name not in fixed]
 
 
 def check_options(cls: type[DatasetSource], options: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ class _CifarSource(DatasetSource):
     TRAIN_FILES: ClassVar[tuple[str, ...]]
     TEST_FILES: ClassVar[tuple[str, ...]]
     LABEL_KEY: ClassVar[bytes]
+    NATIVE_IMAGE_SIZE = 32
 
     def __init__(
         self, root: str | Path | None = None, *, image_size: int | None = None, seed: int = 0

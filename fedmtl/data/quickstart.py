@@ -94,6 +94,8 @@ class QuickstartSource(DatasetSource):
 
     requires_root = False
     TASKS = IMAGE_TASKS
+    OTHER_VIEWS = ("text",)
+    NATIVE_IMAGE_SIZE = CANVAS
 
     def _load_split(self, split: str) -> SampleSet:
         return _split_set(self, self._load, split)
@@ -146,6 +148,7 @@ class QuickstartTextSource(DatasetSource):
     modality = "text"
     requires_root = False
     TASKS = TEXT_TASKS
+    OTHER_VIEWS = ("image",)
 
     def __init__(
         self,

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from flwr.app import Message, RecordDict
@@ -47,6 +49,33 @@ from fedmtl.strategies.base import ClientInfo, Reply, Strategy
 log = logging.getLogger("fedmtl.server")
 
 Validator = Callable[[ClientInfo, Reply], None]
+DESCRIBE_ERROR = "error"  # describe reply: the client's own error (it knows who it is, not ok)
+POLL_SECONDS = 0.2  # how often replies are pulled (and a stop request noticed)
+
+
+class RunInterrupted(Exception):
+    """The run was asked to stop (Ctrl-C); the last checkpoint is where a resume continues."""
+
+
+class FederationFailed(RuntimeError):
+    """No client completed round 1: the run cannot learn anything, the clients' errors say why."""
+
+
+def error_line(reason: str) -> str:
+    """The first meaningful line of an error reply's reason.
+
+    Flower wraps a ClientApp's exception as ``<class 'T'>:<'message'>`` (simulation adds
+    ``Exception ClientAppException occurred. Message:``); the server's tables show one line.
+    """
+    text = reason.strip()
+    match = re.fullmatch(r"<class '([\w.]+)'>:<'(.*)'>", text, flags=re.S)
+    if match:
+        kind, text = match.group(1).rpartition(".")[2], match.group(2).strip()
+        text = text.removeprefix("Exception ClientAppException occurred. Message:").strip()
+        if kind != "ClientAppException" and text:
+            text = f"{kind}: {text}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else reason.strip() or "unknown error"
 
 
 class Observer(Protocol):
@@ -105,6 +134,9 @@ class FederatedLoop:
     run_config : mapping, optional
         Flower's run config (``flwr run -c``): settings of this deployment that are not part
         of the experiment, e.g. FedMuscle's ``stream-*`` address and TLS files.
+    stop : threading.Event, optional
+        Set it (Ctrl-C) to end the run at the next reply poll with :class:`RunInterrupted`;
+        the checkpoint of the last finished round stays the resume point.
     """
 
     def __init__(
@@ -117,8 +149,10 @@ class FederatedLoop:
         observer: Observer | None = None,
         state_root: str | None = None,
         run_config: Mapping[str, Any] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.grid = grid
+        self.stop = stop or threading.Event()
         self.run_config: dict[str, Any] = dict(run_config or {})
         self.experiment = experiment
         self.strategy = strategy
@@ -128,6 +162,10 @@ class FederatedLoop:
         self.clients: dict[str, ClientInfo] = {}
         self._experiment_json = experiment_to_json(experiment)
         self._rows: dict[str, dict[str, Any]] = {}
+        # Clients whose node answered describe with its own error (bad data-dir, ...): they
+        # get a failed row every round until a describe succeeds.
+        self.broken: dict[str, str] = {}
+        self.node_errors: dict[int, str] = {}  # nodes that failed before knowing their client
 
     # -- messaging ---------------------------------------------------------------------
 
@@ -159,12 +197,12 @@ class FederatedLoop:
         messages = []
         for client_id, content in contents.items():
             node = self.clients[client_id].node_id
-            messages.append(Message(content, dst_node_id=node, message_type=message_type))
+            messages.append(self._message(content, node, message_type))
             self._row(round_, client_id)["bytes_down"] = self._row(round_, client_id).get(
                 "bytes_down", 0
             ) + content_bytes(content)
         start = time.perf_counter()
-        replies = list(self.grid.send_and_receive(messages, timeout=self.experiment.round_timeout))
+        replies = self.send_and_receive(messages)
         for message in messages:
             sent[message.metadata.message_id] = self._client_of_node(message.metadata.dst_node_id)
         good: dict[str, Reply] = {}
@@ -190,6 +228,43 @@ class FederatedLoop:
         self.observer.on_phase(round_, phase, len(good), len(contents))
         return good
 
+    def _message(self, content: RecordDict, node: int, message_type: str) -> Message:
+        # The ttl ends when the server stops waiting: a node that picks the message up later
+        # (it was busy, or reconnected) drops it instead of running work nobody collects.
+        ttl = self.experiment.round_timeout
+        return Message(content, dst_node_id=node, message_type=message_type, ttl=ttl)
+
+    def send_and_receive(self, messages: Iterable[Message]) -> list[Message]:
+        """Push ``messages``, pull replies until all came or the round timeout passed.
+
+        Like ``Grid.send_and_receive``, but a set :attr:`stop` ends the wait at once.
+
+        Raises
+        ------
+        RunInterrupted
+            When :attr:`stop` is set.
+        """
+        self._check_stop()
+        # A list, not a set: replies then come in push order on grids that keep it, and
+        # aggregation sums them in the same order every run (bitwise-equal results).
+        pending = list(self.grid.push_messages(messages))
+        deadline = time.monotonic() + self.experiment.round_timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.grid.pull_messages(pending))
+            replies.extend(got)
+            answered = {reply.metadata.reply_to_message_id for reply in got}
+            pending = [message_id for message_id in pending if message_id not in answered]
+            if not pending or time.monotonic() >= deadline:
+                break
+            if self.stop.wait(POLL_SECONDS):
+                self._check_stop()
+        return replies
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            raise RunInterrupted("stop requested")
+
     def _client_of_node(self, node_id: int) -> str:
         for info in self.clients.values():
             if info.node_id == node_id:
@@ -199,7 +274,8 @@ class FederatedLoop:
     def _parse(self, reply: Message, client_id: str) -> Reply:
         if reply.has_error():
             error = reply.error
-            raise ReplyError(f"client {client_id!r}: error {error.code}: {error.reason}")
+            reason = error_line(error.reason or "")
+            raise ReplyError(f"client {client_id!r}: error {error.code}: {reason}")
         content = reply.content
         if CLIENT not in content.config_records or METRICS not in content.metric_records:
             raise ReplyError(f"client {client_id!r}: reply lacks client or metrics records")
@@ -258,21 +334,24 @@ class FederatedLoop:
         if not unknown:
             return
         messages = [
-            Message(
-                make_content(self.base_config(round_)),
-                dst_node_id=node,
-                message_type=DESCRIBE,
-            )
+            self._message(make_content(self.base_config(round_)), node, DESCRIBE)
             for node in unknown
         ]
-        for reply in self.grid.send_and_receive(messages, timeout=self.experiment.round_timeout):
+        for reply in self.send_and_receive(messages):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                log.warning("node %d did not describe itself: %s", node, reply.error.reason)
+                self.node_errors[node] = error_line(reply.error.reason or "")
+                log.warning("node %d did not describe itself: %s", node, self.node_errors[node])
                 continue
             info = dict(reply.content.config_records[CLIENT])
             metrics = dict(reply.content.metric_records[METRICS])
             client_id = str(info[CLIENT_ID])
+            self.node_errors.pop(node, None)
+            if DESCRIBE_ERROR in info:
+                self.broken[client_id] = str(info[DESCRIBE_ERROR])
+                log.warning("client %s cannot start: %s", client_id, self.broken[client_id])
+                continue
+            self.broken.pop(client_id, None)
             self.clients[client_id] = ClientInfo(
                 client_id=client_id,
                 node_id=node,
@@ -297,7 +376,8 @@ class FederatedLoop:
         deadline = time.monotonic() + timeout
         online = len(list(self.grid.get_node_ids()))
         while online < expected and time.monotonic() < deadline:
-            time.sleep(poll)
+            if self.stop.wait(poll):
+                self._check_stop()
             online = len(list(self.grid.get_node_ids()))
         if online < expected:
             log.warning(
@@ -382,20 +462,41 @@ class FederatedLoop:
             self.strategy.close()
 
     def _run_round(self, round_: int) -> None:
+        self._check_stop()
         self._rows = {}
         self.discover(round_)
         participants = self.select(round_)
+        broken = [c.client_id for c in self.experiment.clients if c.client_id in self.broken]
+        for client_id in broken:
+            self._fail(round_, client_id, "describe", self.broken[client_id])
         if not participants:
+            self.run_dir.append_metrics([self._rows[c] for c in broken])
+            if broken or self.node_errors:
+                raise FederationFailed(self._failure_report(round_, broken))
             raise RuntimeError(f"round {round_}: no client is online")
         self.strategy.run_round(self, round_, participants)
+        if round_ == 1 and all(
+            self._rows.get(c.client_id, {}).get("status") == "failed" for c in participants
+        ):
+            # Nothing trained: evaluating or going on would only repeat the clients' errors.
+            failed = [c.client_id for c in participants] + broken
+            self.run_dir.append_metrics([self._rows[c] for c in failed])
+            raise FederationFailed(self._failure_report(round_, failed))
         last = round_ == self.experiment.rounds
         if last or round_ % self.experiment.evaluate_every == 0:
             self.evaluate_phase(round_, participants)
         rows = [self._rows[c.client_id] for c in participants if c.client_id in self._rows]
+        rows += [self._rows[c] for c in broken]
         self.run_dir.append_metrics(rows)
         tensors, meta = self.strategy.state_dict()
         self.run_dir.save_checkpoint(round_, tensors, {"strategy": meta})
         self.observer.on_round_end(round_, rows)
+
+    def _failure_report(self, round_: int, clients: list[str]) -> str:
+        lines = [f"round {round_}: no client completed the round"]
+        lines += [f"  {c}: {self._rows.get(c, {}).get('error', 'no reply')}" for c in clients]
+        lines += [f"  node {n}: {e}" for n, e in self.node_errors.items()]
+        return "\n".join(lines)
 
 
 def checkpoint_tensors(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
