@@ -184,7 +184,7 @@ def main() -> int:
 
     from fedmtl.compare import comparison_stats, parse_seeds
     from fedmtl.config import load_experiment, with_algorithm
-    from fedmtl.report import summarize
+    from fedmtl.report import plot_runs, summarize
     from fedmtl.results import RunDirectory
 
     seeds = parse_seeds(args.seeds, 0)
@@ -249,6 +249,8 @@ def main() -> int:
             for a, by in runs.items()
         }
         stats = comparison_stats(summaries)
+        plot = plot_runs(runs, Path(args.output) / f"{fed}.png")
+        print(f"{fed}: curves in {plot}")
         entry: dict[str, Any] = {"config": config, "rounds": args.rounds or experiment.rounds}
         entry["algorithms"] = {
             a: {

@@ -172,20 +172,13 @@ LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
-def _series(runs: Sequence[RunDirectory], client: str | None, key: str) -> dict[int, list[float]]:
-    """``round → values over runs`` of ``key`` in the rows of ``client`` (any client if None)."""
+def _series(runs: Sequence[RunDirectory], client: str, key: str) -> dict[int, list[float]]:
+    """``round → values over runs`` of ``key`` in the rows of ``client``."""
     out: dict[int, list[float]] = {}
     for run in runs:
-        seen: set[int] = set()
         for row in run.read_metrics():
-            if (client is None or row["client_id"] == client) and key in row:
-                round_ = int(row["round"])
-                if round_ in seen:  # server metrics repeat on every client's row
-                    continue
-                seen.add(round_)
-                value = float(row[key])
-                if math.isfinite(value):
-                    out.setdefault(round_, []).append(value)
+            if row["client_id"] == client and key in row and math.isfinite(float(row[key])):
+                out.setdefault(int(row["round"]), []).append(float(row[key]))
     return out
 
 
@@ -196,7 +189,8 @@ def _draw(ax: Any, series: Mapping[int, list[float]], label: str, index: int) ->
     xs = sorted(series)
     means = [sum(series[x]) / len(series[x]) for x in xs]
     style = {"linestyle": LINESTYLES[index % 4], "marker": MARKERS[index % len(MARKERS)]}
-    (line,) = ax.plot(xs, means, label=label, markersize=4, **style)
+    # one colour per label on every panel, also where earlier labels have nothing to draw
+    (line,) = ax.plot(xs, means, label=label, markersize=4, color=f"C{index % 10}", **style)
     if any(len(series[x]) > 1 for x in xs):
         low = [min(series[x]) for x in xs]
         high = [max(series[x]) for x in xs]
@@ -274,10 +268,14 @@ def plot_runs(runs: RunsBySeed, path: Path) -> Path:
             series = _series(folders, client, key) if client else _family_series(folders, key)
             _draw(ax, series, label, index)
         if key == "server/fedmuscle/align_loss":
-            chance = _series(next(iter(grouped.values())), None, "server/fedmuscle/chance_loss")
-            if chance:
-                level = next(iter(chance.values()))[0]
-                ax.axhline(level, color="grey", linestyle=":", label="chance (M·log B)")
+            levels = [
+                values[0]
+                for folders in grouped.values()
+                for values in _family_series(folders, "server/fedmuscle/chance_loss").values()
+            ]
+            if levels:
+                ax.axhline(levels[0], color="grey", linestyle=":")
+                ax.annotate("chance (M·log B)", (0.02, 0.92), xycoords="axes fraction", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
