@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The bundled federations that run on the offline data (the *_paper.toml files need real data).
 BUNDLED = [
     ROOT / "configs" / name
-    for name in ("quickstart.toml", "mfed.toml", "fedhca2.toml", "fedmuscle.toml")
+    for name in ("quickstart.toml", "mfed.toml", "fedhca2.toml", "fedmuscle.toml", "gpu_check.toml")
 ] + [ROOT / "tests" / "data" / "tiny.toml"]
 
 
@@ -27,7 +27,8 @@ def _histogram(session: ClientSession, split: str) -> np.ndarray:
 
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.name)
 def test_every_bundled_client_sees_every_class_in_proportion(path: Path, tmp_path: Path) -> None:
-    experiment = load_experiment(path)
+    # partitions do not depend on the device (gpu_check.toml asks for CUDA)
+    experiment = load_experiment(path).model_copy(update={"device": "cpu"})
     for client in experiment.clients:
         session = ClientSession(experiment, client.client_id, tmp_path)
         for split in ("train", "test"):
