@@ -217,10 +217,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             name: {str(s): v for s, v in by_seed.items()} for name, by_seed in summaries.items()
         },
     }
-    (compare_dir / "compare.json").write_text(json.dumps(record, indent=2, allow_nan=True))
+    (compare_dir / "summary.json").write_text(json.dumps(record, indent=2, allow_nan=True))
     console.print(stats_table(stats, experiment.average_last_rounds))
     console.print(
-        f"plot: [bold]{plot}[/bold]\ncomparison: [bold]{compare_dir / 'compare.json'}[/bold]"
+        f"plot: [bold]{plot}[/bold]\ncomparison: [bold]{compare_dir / 'summary.json'}[/bold]"
     )
     # Never exit 0 when a client of one of the runs never completed a round.
     return max(

@@ -136,7 +136,7 @@ def test_cli_compare_with_seeds_writes_per_seed_values_and_intervals(tmp_path: P
         ]
     )  # fmt: skip
     assert code == 0
-    (record_path,) = tmp_path.glob("*/compare-*/compare.json")
+    (record_path,) = tmp_path.glob("*/compare-*/summary.json")
     record = json.loads(record_path.read_text())
     assert record["stats"]["seeds"] == [1, 2]  # tiny.toml's seed 1 and the one after it
     assert set(record["runs"]["fedavg"]) == {"1", "2"}
