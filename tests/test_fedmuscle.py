@@ -216,8 +216,10 @@ def test_protocols_give_the_same_client_updates(tmp_path: Path) -> None:
                     msg=f"{protocol} {key}",
                 )  # fmt: skip
         gaps.append(max((infonce[client][k] - reference[k]).abs().max().item() for k in aligned))
-    # The comparison is sensitive: γ = 0 (pairwise InfoNCE) moves the same weights elsewhere.
-    assert max(gaps) > 1e-3
+    # The comparison is sensitive: γ = 0 (pairwise InfoNCE) moves the same weights elsewhere, by
+    # far more than the 1e-6 within which the protocols must agree (a 100× margin; the gap is
+    # about 9e-4 on the stratified 24-sample clients, 1e-3 on the former first-24 samples).
+    assert max(gaps) > 1e-4
 
 
 def test_gram_needs_the_peers_protocol() -> None:
