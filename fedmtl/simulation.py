@@ -36,6 +36,21 @@ class _HideRunSimulationDeprecation(logging.Filter):
         return "run_simulation` function is deprecated" not in record.getMessage()
 
 
+class _SilentWhileStopping(logging.Filter):
+    """Drop Flower's records once the run is stopping (Ctrl-C).
+
+    Messages still in flight when Ray shuts down fail with ``ActorDiedError``; Flower's engine
+    threads log each as an error with a traceback, which says nothing about the run.
+    """
+
+    def __init__(self, stop: threading.Event) -> None:
+        super().__init__()
+        self.stop = stop
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.stop.is_set()
+
+
 def backend_config(experiment: Experiment) -> dict[str, Any]:
     """Ray resources: ``num_cpus_per_client`` and ``num_gpus_per_client`` per virtual node.
 
@@ -186,6 +201,8 @@ def simulate(
     flwr_logger.setLevel(logging.WARNING)
     if not any(isinstance(f, _HideRunSimulationDeprecation) for f in flwr_logger.filters):
         flwr_logger.addFilter(_HideRunSimulationDeprecation())
+    silent = _SilentWhileStopping(stop)
+    flwr_logger.addFilter(silent)
     interrupted = False
     try:
         _start_ray(config)
@@ -205,6 +222,7 @@ def simulate(
             # the server's last write (metrics, checkpoint) finishes before Ray goes
             done.wait(timeout=30 if not done.is_set() and interrupted else 0)
             _stop_ray()
+        flwr_logger.removeFilter(silent)
     if interrupted:
         raise RunInterrupted(str(run_dir.path))
     if run_dir.read_summary() is None:
