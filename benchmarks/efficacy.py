@@ -154,8 +154,8 @@ def markdown(results: Mapping[str, Any]) -> str:
         cells = []
         for fed in feds:
             entry = results["federations"][fed]["algorithms"].get(name)
-            if entry is None:
-                cells.append("n/a")
+            if entry is None:  # "n/a": does not apply there; "not run": applies, not measured
+                cells.append("not run" if name in FEDERATIONS[fed][1] else "n/a")
                 continue
             delta = "reference" if name == "local" else format_entry(entry["mean_delta"])
             cells.append(f"{delta} ({entry['wall_seconds_mean']:.0f} s)")
@@ -166,7 +166,8 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"Mean Δ% vs local over client tasks (+ is better), mean ± 95 % t-interval over "
         f"{len(seeds)} seeds {seeds}, paired by seed; each run's metric is the mean of its last "
         f"{results['average_last_rounds']} evaluated rounds; * = the interval excludes 0; "
-        "in brackets the mean wall time of one run (one CPU thread)."
+        "in brackets the mean wall time of one run (one CPU thread); n/a: the algorithm does not "
+        "apply to that federation; not run: it applies but was not measured in this run."
     )
     return "\n".join(lines)
 
