@@ -149,7 +149,8 @@ def main() -> None:
     wire = int(info["network-traffic"]["total-bytes"])
     payload = sum(r["payload_bytes"] for r in dep_table)
     result = {
-        "experiment": args.experiment,
+        # relative to the repository: result files hold no absolute paths of the machine
+        "experiment": os.path.relpath(args.experiment, ROOT),
         "rounds": args.rounds,
         "clients": len({r["client_id"] for r in dep_rows}),
         "machine": {
