@@ -194,7 +194,7 @@ def run_comparison(
         The experiment file (its ``seed`` is replaced by each seed in turn).
     algorithms : sequence of str
         Algorithm names, each with its ``[hyperparameters.<name>]`` (see
-        :func:`fedmtl.cli.with_algorithm`).
+        :func:`fedmtl.config.with_algorithm`).
     seeds : sequence of int
         One full comparison per seed.
     run : callable

@@ -141,32 +141,6 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     return table
 
 
-def compare_table(summaries: Mapping[str, Mapping[str, Any]]) -> Table:
-    """Δ% vs local per client task (rows) and algorithm (columns), with the mean."""
-    algorithms = list(summaries)
-    table = Table(title="Δ% vs local (sign: + is better)")
-    table.add_column("client")
-    table.add_column("task")
-    for algorithm in algorithms:
-        table.add_column(algorithm, justify="right")
-    first = next(iter(summaries.values()))
-    for client_id, client in first["clients"].items():
-        for task in client["tasks"]:
-            cells = []
-            for algorithm in algorithms:
-                entry = summaries[algorithm]["clients"][client_id]["tasks"][task]
-                delta = entry["delta_vs_local_pct"]
-                value = _fmt(entry["value"])
-                cells.append(value if delta is None else f"{value} ({delta:+.2f})")
-            table.add_row(client_id, task, *cells)
-    means = []
-    for algorithm in algorithms:
-        mean = summaries[algorithm].get("mean_delta_vs_local_pct")
-        means.append("—" if mean is None else f"{mean:+.2f}")
-    table.add_row("mean Δ%", "", *means, style="bold")
-    return table
-
-
 RunsBySeed = Mapping[str, "RunDirectory | Mapping[int, RunDirectory]"]
 LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
