@@ -28,10 +28,11 @@ from typing import Any
 import torch
 
 from fedmtl.aggregation.fedavg import weighted_average
-from fedmtl.clients.session import ClientSession, load_tensors, shared_parameters
+from fedmtl.clients.session import ClientSession
 from fedmtl.clients.training import train_epochs
 from fedmtl.config import Experiment, load_experiment
 from fedmtl.messages import TensorSpec
+from fedmtl.models.multitask import load_tensors, shared_parameters
 from fedmtl.results import RunDirectory
 from fedmtl.strategies.base import ClientInfo
 

@@ -1,5 +1,9 @@
 """Flower ClientApp: parse the message, find this node's client, dispatch to its algorithm.
 
+``describe``, ``train`` and ``evaluate`` are every algorithm's; a message type an algorithm adds
+(FedMuscle's ``query.represent`` and ``train.align``) is routed to the method its client class
+names in ``extra_messages``, so a new algorithm adds message types without touching this file.
+
 Node config keys (``flower-supernode --node-config``): ``client-id``, ``state-dir``,
 ``data-dir``, ``device`` (e.g. ``'cuda:1'``), ``num-threads`` and ``stream-ca`` (a CA file
 for FedMuscle's stream; default: the CA the server announces). In simulation only
@@ -19,9 +23,8 @@ import torch
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-import fedmtl.clients  # noqa: F401  (registers every client algorithm)
+from fedmtl.clients import CLIENT_ALGORITHMS
 from fedmtl.clients.base import client_algorithm
-from fedmtl.clients.fedmuscle import fedmuscle_client
 from fedmtl.clients.session import ClientSession, shared_specs
 from fedmtl.config import Experiment, experiment_from_json
 from fedmtl.messages import (
@@ -40,7 +43,8 @@ from fedmtl.seeding import derive_seed
 log = logging.getLogger("fedmtl.client")
 app = ClientApp()
 
-ALL_GROUPS = ("encoder", "decoders", "projector")
+# describe announces the parameters of every group; buffers never leave the client.
+ALL_GROUPS = ("encoder", "decoders", "heads", "projector")
 CLIENT_APP_RAISED_EXCEPTION = 2  # Flower's ErrorCode for "the ClientApp raised"
 
 Handler = Callable[[Message, Context], Message]
@@ -163,6 +167,9 @@ def _describe(msg: Message, context: Context) -> Message:
         "dataset": session.client.dataset,
         "tasks": json.dumps(session.client.tasks),
         "specs": specs_to_json(shared_specs(model, ALL_GROUPS)),
+        "primary-metrics": json.dumps(
+            {t.name: [t.primary_metric, t.higher_is_better] for t in session.tasks}
+        ),
         "device": str(session.device),
     }
     metrics = {NUM_EXAMPLES: len(session.split("train")), "num-test": len(session.split("test"))}
@@ -204,21 +211,29 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(make_reply_content(session.client_id, metrics), reply_to=msg)
 
 
-@app.query("represent")
-@reports_errors
-def represent(msg: Message, context: Context) -> Message:
-    """FedMuscle: representations of the requested public batches."""
-    session, config = open_session(msg, context)
-    outcome = fedmuscle_client(session).represent(int(config[SERVER_ROUND]), config)
-    content = make_reply_content(session.client_id, outcome.metrics, outcome.arrays)
-    return Message(content, reply_to=msg)
+def extra_handler(message_type: str) -> Handler:
+    """The handler of an algorithm's own message type (see the module docstring).
+
+    The handler answers with an error reply (``ValueError``) when the experiment's algorithm
+    does not take ``message_type``.
+    """
+
+    @reports_errors
+    def handle(msg: Message, context: Context) -> Message:
+        session, config = open_session(msg, context)
+        algorithm = client_algorithm(session.experiment, session)
+        method = type(algorithm).extra_messages.get(message_type)
+        if method is None:
+            name = session.experiment.algorithm.name
+            raise ValueError(f"{message_type} messages reached a client of algorithm {name!r}")
+        outcome = getattr(algorithm, method)(int(config[SERVER_ROUND]), _received(msg), config)
+        content = make_reply_content(session.client_id, outcome.metrics, outcome.arrays)
+        return Message(content, reply_to=msg)
+
+    handle.__name__ = f"handle_{message_type.replace('.', '_')}"
+    return handle
 
 
-@app.train("align")
-@reports_errors
-def align(msg: Message, context: Context) -> Message:
-    """FedMuscle: contrastive steps on the server's payloads (and the next representation)."""
-    session, config = open_session(msg, context)
-    outcome = fedmuscle_client(session).align(int(config[SERVER_ROUND]), _received(msg), config)
-    content = make_reply_content(session.client_id, outcome.metrics, outcome.arrays)
-    return Message(content, reply_to=msg)
+for _type in sorted({t for cls in CLIENT_ALGORITHMS.values() for t in cls.extra_messages}):
+    _category, _, _action = _type.partition(".")  # "train.align" → app.train("align")
+    getattr(app, _category)(_action)(extra_handler(_type))

@@ -17,10 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-# Backbone names fedmtl builds (timm names plus the transformers families). Kept here so the
-# experiment file is validated without importing torch; models/ enforces the same list.
-TEXT_BACKBONES = ("bert", "distilbert")
-IMAGE_BACKBONE_PREFIXES = ("vit_", "swin_", "resnet")
+from fedmtl.catalog import ALGORITHM_NAMES, TEXT_BACKBONES, backbone_family
 
 
 class ConfigError(ValueError):
@@ -157,7 +154,6 @@ AlgorithmConfig = Annotated[
     | FedMuscleConfig,
     Field(discriminator="name"),
 ]
-ALGORITHM_NAMES = ("local", "fedavg", "fedprox", "fedper", "ditto", "mfed", "fedhca2", "fedmuscle")
 
 
 # --------------------------------------------------------------------------- data and models
@@ -193,13 +189,8 @@ class ModelConfig(Strict):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        if value in TEXT_BACKBONES or value.startswith(IMAGE_BACKBONE_PREFIXES):
-            return value
-        raise ValueError(
-            f"unknown backbone {value!r}; use a timm ViT/Swin/ResNet name "
-            f"(e.g. 'vit_tiny_patch16_224', 'swin_tiny_patch4_window7_224', 'resnet50') "
-            f"or one of {TEXT_BACKBONES}"
-        )
+        backbone_family(value)  # raises ValueError listing the supported names
+        return value
 
 
 class TrainingConfig(Strict):

@@ -109,8 +109,8 @@ def check_models(experiment: Experiment) -> None:
     """
     import torch
 
-    from fedmtl.clients.session import build_tasks, init_model
     from fedmtl.data import DATASET_REGISTRY
+    from fedmtl.models.factory import build_tasks, init_model
 
     built: dict[str, str] = {}  # same architecture, same outcome: build it once
     for i, client in enumerate(experiment.clients):

@@ -108,3 +108,24 @@ def eval_rows(run_dir: RunDirectory) -> list[dict[str, Any]]:
     ``train/seconds``, ``server/fedmuscle/exchange_seconds_median``, ...).
     """
     return [{k: v for k, v in row.items() if "seconds" not in k} for row in run_dir.read_metrics()]
+
+
+def described_clients(experiment: Experiment) -> dict[str, Any]:
+    """What each client's ``describe`` reply tells the server, built on the meta device.
+
+    For strategy tests that need the shapes without running the ClientApp; the announced
+    groups are the ClientApp's own (``fedmtl.client_app.ALL_GROUPS``).
+    """
+    from fedmtl.client_app import ALL_GROUPS
+    from fedmtl.messages import TensorSpec
+    from fedmtl.models.factory import shared_structure
+    from fedmtl.strategies.base import ClientInfo
+
+    out: dict[str, Any] = {}
+    for index, client in enumerate(experiment.clients):
+        shared = shared_structure(experiment, client, ALL_GROUPS)
+        specs = {name: TensorSpec.of(tensor) for name, tensor in shared.items()}
+        out[client.client_id] = ClientInfo(
+            client.client_id, 101 + index, client.dataset, list(client.tasks), 0, 0, specs
+        )
+    return out

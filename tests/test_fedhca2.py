@@ -15,13 +15,14 @@ from flwr.app import Message, RecordDict
 from fedmtl.aggregation.conflict_averse import conflict_averse_direction
 from fedmtl.cli import main, with_algorithm
 from fedmtl.client_app import app
-from fedmtl.clients.fedhca2 import REPORT_START, START_PREFIX
 from fedmtl.config import Experiment, load_experiment, parse_experiment
 from fedmtl.messages import TensorSpec
+from fedmtl.models.factory import shared_structure
+from fedmtl.protocols.fedhca2 import REPORT_START, START_PREFIX
 from fedmtl.strategies.base import ClientInfo
-from fedmtl.strategies.fedhca2 import FedHCA2, client_order, decoder_order, shared_structure
+from fedmtl.strategies.fedhca2 import FedHCA2, client_order, decoder_order
 from fedmtl.testing import FakeGrid
-from tests.helpers import run_in_process, tiny_experiment
+from tests.helpers import described_clients, run_in_process, tiny_experiment
 from tests.layouts import write_nyud, write_pascal_context
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -356,7 +357,8 @@ def test_architecture_mismatch_names_the_client(tmp_path: Path) -> None:
     assert grid.sent == []
 
     strategy = FedHCA2(hca_experiment(1))
-    specs = {k: TensorSpec.of(t) for k, t in strategy.structure["a-digit"].items()}
+    strategy.prepare(described_clients(hca_experiment(1)))  # the shapes come from describe
+    specs = dict(strategy.structure["a-digit"])
     specs["encoder.model.cls_token"] = TensorSpec((1, 1, 8), "float32")
     info = ClientInfo("a-digit", 101, "digits", ["digit"], 24, 16, specs)
     with pytest.raises(ValueError, match=r"'a-digit'.*encoder\.model\.cls_token"):
@@ -382,6 +384,7 @@ def test_quickstart_config() -> None:
     sizes = sorted(len(c.tasks) for c in experiment.clients)
     assert sizes[0] == 1 and sizes[-1] > 1  # single-task and multi-task clients
     strategy = FedHCA2(experiment)
+    strategy.prepare(described_clients(experiment))  # the shapes come from describe
     assert strategy.state.hyper.alpha.shape == (len(experiment.clients),)
 
 

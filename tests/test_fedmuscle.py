@@ -17,19 +17,17 @@ from fedmtl.aggregation.muscle_targets import client_payload, draw_peers
 from fedmtl.cli import main, with_algorithm
 from fedmtl.client_app import app
 from fedmtl.clients.fedmuscle import (
-    EPOCH,
     GRAM_TAU,
     OPTIMIZER_EXTRA,
-    REPRESENT_EPOCH,
     FedMuscleClient,
     contrastive_objective,
     public_view,
-    split_payloads,
 )
 from fedmtl.clients.session import ClientSession
 from fedmtl.clients.state import StateStore
 from fedmtl.config import Experiment, load_experiment, parse_experiment
 from fedmtl.losses.muscle import gram_volume_loss, muscle_loss, pairwise_infonce_loss
+from fedmtl.protocols.fedmuscle import EPOCH, REPRESENT_EPOCH, split_payloads
 from fedmtl.results import RunDirectory
 from fedmtl.strategies.fedmuscle import ContrastiveRound, FedMuscle
 from fedmtl.testing import FakeGrid

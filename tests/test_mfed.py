@@ -12,10 +12,11 @@ from flwr.app import Message, MetricRecord, RecordDict
 
 from fedmtl.cli import main, with_algorithm
 from fedmtl.client_app import app
-from fedmtl.clients.mfed import MFedClient, pull_strength, split_received, validation_split
+from fedmtl.clients.mfed import MFedClient, validation_split
 from fedmtl.clients.session import ClientSession
 from fedmtl.config import ConfigError, Experiment, load_experiment, parse_experiment
 from fedmtl.data import SampleSet
+from fedmtl.protocols.mfed import pull_strength, split_received
 from fedmtl.testing import FakeGrid
 from tests.helpers import run_in_process, tiny_experiment
 from tests.layouts import write_pascal_context

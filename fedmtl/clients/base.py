@@ -9,33 +9,30 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from fedmtl.clients.session import ClientSession, load_tensors, shared_parameters
+from fedmtl.catalog import ALGORITHM_NAMES
+from fedmtl.clients.session import ClientSession
 from fedmtl.clients.training import TrainStats, train_epochs
 from fedmtl.config import Experiment
+from fedmtl.data import SampleSet
 from fedmtl.messages import UPLOAD_GROUPS
-from fedmtl.models.multitask import group_of
+from fedmtl.models.multitask import group_of, load_tensors, shared_parameters
+from fedmtl.registry import Registry
 
-CLIENT_ALGORITHMS: dict[str, type[ClientAlgorithm]] = {}
+CLIENT_ALGORITHMS: Registry[type[ClientAlgorithm]] = Registry(
+    "client algorithm", allowed=ALGORITHM_NAMES
+)
 
 
 def register_client_algorithm(
     name: str,
 ) -> Callable[[type[ClientAlgorithm]], type[ClientAlgorithm]]:
     """Register the client side of algorithm ``name`` (``algorithm.name`` in the experiment)."""
-
-    def decorator(cls: type[ClientAlgorithm]) -> type[ClientAlgorithm]:
-        CLIENT_ALGORITHMS[name] = cls
-        return cls
-
-    return decorator
+    return CLIENT_ALGORITHMS.register(name)
 
 
 def client_algorithm(experiment: Experiment, session: ClientSession) -> ClientAlgorithm:
     """The client side of the experiment's algorithm."""
-    name = experiment.algorithm.name
-    if name not in CLIENT_ALGORITHMS:
-        raise KeyError(f"no client side registered for algorithm {name!r}")
-    return CLIENT_ALGORITHMS[name](session)
+    return CLIENT_ALGORITHMS[experiment.algorithm.name](session)
 
 
 @dataclass
@@ -51,18 +48,33 @@ class ClientAlgorithm:
     """Client side of a weight-sharing algorithm (FedAvg behaviour by default).
 
     The flow of :meth:`train`: load the personal state of the previous round, overwrite it with
-    the tensors the server sent, train with :meth:`extra_loss`, save the new personal state and
-    return the parameters of the shared groups (``experiment.algorithm.shares``).
+    the tensors the server sent (:meth:`receive`), train on :meth:`train_split` with
+    :meth:`extra_loss`, add :meth:`after_training`'s metrics, save the new personal state and
+    return the parameters of the shared groups (``experiment.algorithm.shares``) the server
+    asked for. An algorithm overrides the hooks, not the flow.
     """
 
     uses_received_for_eval: ClassVar[bool] = True
+    # Message types this algorithm answers besides train/evaluate → the method that handles
+    # them, with the signature of :meth:`train`; the ClientApp routes them here.
+    extra_messages: ClassVar[dict[str, str]] = {}
 
     def __init__(self, session: ClientSession) -> None:
         self.session = session
+        self.validation: SampleSet | None = None  # this message's held-out part, if any
         self.hyper: Any = session.experiment.algorithm
         self.shares: tuple[str, ...] = type(self.hyper).shares
 
     # -- hooks -------------------------------------------------------------------------
+
+    def receive(self, model: nn.Module, received: Mapping[str, Tensor]) -> None:
+        """Load what the server sent into the model the round starts from."""
+        if received:
+            load_tensors(model, received)
+
+    def train_split(self) -> tuple[SampleSet, SampleSet | None]:
+        """The samples to train on, and a held-out validation part (none by default)."""
+        return self.session.split("train"), None
 
     def extra_loss(
         self, received: Mapping[str, Tensor], config: Mapping[str, Any]
@@ -96,18 +108,18 @@ class ClientAlgorithm:
         session = self.session
         start = time.perf_counter()
         model, extras, _ = session.load(round_ - 1)
-        if received:
-            load_tensors(model, received)
+        self.receive(model, received)
+        train_data, self.validation = self.train_split()
         stats: TrainStats = train_epochs(
             model,
-            session.batches("train", round_),
+            session.batches(train_data, round_),
             session.tasks,
             session.client.training,
             session.device,
             extra_loss=self.extra_loss(received, config),
         )
         metrics: dict[str, float | int] = {
-            "num-examples": len(session.split("train")),
+            "num-examples": len(train_data),
             "train/loss": stats.loss,
             "train/batches": stats.batches,
         }

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from fedmtl.clients.base import ClientAlgorithm, register_client_algorithm
-from fedmtl.clients.session import shared_parameters
 from fedmtl.clients.training import train_epochs
 from fedmtl.losses.proximal import proximal_term
+from fedmtl.models.multitask import shared_parameters
 
 
 @register_client_algorithm("local")

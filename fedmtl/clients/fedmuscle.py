@@ -1,16 +1,9 @@
 """FedMuscle client: represent the public dataset and step the encoder on server-made payloads.
 
-Wire format (built by ``fedmtl.strategies.fedmuscle``):
-
-- ``query.represent``: config :data:`REPRESENT_EPOCH` (public epoch ``e``) and
-  :data:`REPRESENT_BATCHES` (batch indices). The reply's arrays hold ``z/<b>`` = ``Z_b``
-  (``[B_b, d]`` float32, rows L2-normalised) of every requested batch.
-- ``train.align``: config :data:`EPOCH` and arrays ``<b>/<name>`` (the server's payload for
-  public batch ``b`` of epoch ``EPOCH``: ``peers``; ``targets`` + ``log_alpha``; or ``grad`` +
-  ``loss``). The client takes one optimiser step per batch, in ascending batch order, on the
-  encoder and projector only (decoders and heads are frozen). The message may also carry a
-  represent request (``REPRESENT_EPOCH``/``REPRESENT_BATCHES``), answered after the steps with
-  the updated weights: that is how the per-batch schedule needs one round-trip per batch.
+Wire format: :mod:`fedmtl.protocols.fedmuscle` (the server side is
+``fedmtl.strategies.fedmuscle``). The client answers ``query.represent`` and ``train.align``
+(:attr:`FedMuscleClient.extra_messages`); its steps train the encoder and projector only
+(decoders and heads are frozen).
 
 Determinism: every contrastive forward of batch ``b`` of epoch ``e`` in round ``r`` runs under
 a torch RNG seeded by ``(seed, client, r, e, b)``, and a representation computed only for the
@@ -33,7 +26,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +36,20 @@ from fedmtl.aggregation.muscle_targets import client_loss_from_payload
 from fedmtl.clients.base import ClientAlgorithm, TrainOutcome, register_client_algorithm
 from fedmtl.clients.session import ClientSession, dataset_source
 from fedmtl.clients.training import autocast, make_optimizer, to_device
-from fedmtl.config import DatasetConfig, Experiment, FedMuscleConfig
+from fedmtl.config import DatasetConfig
 from fedmtl.data import DATASET_REGISTRY, PublicDataset, collate
 from fedmtl.losses.muscle import gram_volume_loss
 from fedmtl.messages import NUM_EXAMPLES
 from fedmtl.models import MultiTaskModel
+from fedmtl.protocols.fedmuscle import (
+    ALIGN,
+    EPOCH,
+    REPRESENT,
+    contrastive_schedule,
+    read_represent_request,
+    representation_key,
+    split_payloads,
+)
 from fedmtl.seeding import derive_seed
 from fedmtl.stream.client import (
     StreamClient,
@@ -59,40 +61,10 @@ from fedmtl.stream.client import (
 
 log = logging.getLogger("fedmtl.client")
 
-EPOCH = "fedmuscle.epoch"
-REPRESENT_EPOCH = "fedmuscle.represent-epoch"
-REPRESENT_BATCHES = "fedmuscle.represent-batches"
 OPTIMIZER_EXTRA = "align_optimizer"
 ALIGNED_GROUPS = ("encoder.", "projector.")
 # GRAM's own temperature (Cicchetti et al., ispamm/GRAM); `tau` is the Muscle/InfoNCE τ^(N).
 GRAM_TAU = 0.07
-
-
-def representation_key(batch: int) -> str:
-    """Array name of ``Z_b`` in a represent or align reply."""
-    return f"z/{batch}"
-
-
-def payload_key(batch: int, name: str) -> str:
-    """Array name of payload tensor ``name`` for public batch ``batch`` in an align message."""
-    return f"{batch}/{name}"
-
-
-def split_payloads(received: Mapping[str, Tensor]) -> dict[int, dict[str, Tensor]]:
-    """Group an align message's arrays by public batch: ``{b: {name: tensor}}``, ascending ``b``.
-
-    Raises
-    ------
-    ValueError
-        If a name is not ``<batch>/<name>``.
-    """
-    out: dict[int, dict[str, Tensor]] = {}
-    for key, value in received.items():
-        batch, sep, name = key.partition("/")
-        if not sep or not batch.isdigit() or not name:
-            raise ValueError(f"align payload name {key!r} is not '<batch>/<name>'")
-        out.setdefault(int(batch), {})[name] = value
-    return dict(sorted(out.items()))
 
 
 def contrastive_objective(
@@ -262,6 +234,8 @@ class FedMuscleClient(ClientAlgorithm):
     The contrastive phase runs through :meth:`represent` and :meth:`align` (module docstring).
     """
 
+    extra_messages: ClassVar[dict[str, str]] = {REPRESENT: "represent", ALIGN: "align"}
+
     def after_training(
         self,
         model: nn.Module,
@@ -300,15 +274,11 @@ class FedMuscleClient(ClientAlgorithm):
                 buffer.copy_(saved[name])
         return out
 
-    def _request(self, config: Mapping[str, Any]) -> tuple[int, list[int]] | None:
-        if REPRESENT_EPOCH not in config:
-            return None
-        batches = config.get(REPRESENT_BATCHES, [])
-        return int(config[REPRESENT_EPOCH]), [int(b) for b in batches]
-
     # -- message handlers --------------------------------------------------------------
 
-    def represent(self, round_: int, config: Mapping[str, Any]) -> TrainOutcome:
+    def represent(
+        self, round_: int, received: Mapping[str, Tensor], config: Mapping[str, Any]
+    ) -> TrainOutcome:
         """Handle ``query.represent``: ``Z_b`` of the requested public batches.
 
         Raises
@@ -317,9 +287,9 @@ class FedMuscleClient(ClientAlgorithm):
             If the message has no represent request.
         """
         start = time.perf_counter()
-        request = self._request(config)
+        request = read_represent_request(config)
         if request is None:
-            raise ValueError(f"represent message lacks {REPRESENT_EPOCH!r}")
+            raise ValueError("represent message lacks its request (fedmuscle.represent-epoch)")
         model, _, _ = self.session.load(round_)
         arrays = self._represent_batches(model, round_, *request)
         metrics: dict[str, float | int] = {
@@ -394,7 +364,7 @@ class FedMuscleClient(ClientAlgorithm):
         start = time.perf_counter()
         session = self.session
         payloads = split_payloads(received)
-        request = self._request(config)
+        request = read_represent_request(config)
         model, extras, _ = session.load(round_)
         metrics: dict[str, float | int] = {NUM_EXAMPLES: 0, "align/steps": 0}
         if payloads:
@@ -485,32 +455,3 @@ class FedMuscleClient(ClientAlgorithm):
             metrics["align/loss"] = sum(losses) / len(losses)
         metrics["align/seconds"] = time.perf_counter() - start
         return TrainOutcome(arrays={}, metrics=metrics)
-
-
-def contrastive_schedule(
-    experiment: Experiment, round_: int, batches: int
-) -> list[tuple[int, int]]:
-    """The round's contrastive steps in order: ``(public epoch, batch)`` per step.
-
-    Contrastive epoch ``e`` of round ``r`` is public epoch ``(r − 1)·T + e`` (``T`` =
-    ``contrastive_epochs``), so every round visits the public data in a fresh order. Step
-    ``k = e·batches + b`` also numbers the peer draw of that batch.
-    """
-    algorithm = experiment.algorithm
-    assert isinstance(algorithm, FedMuscleConfig)
-    epochs = algorithm.contrastive_epochs
-    return [((round_ - 1) * epochs + e, b) for e in range(epochs) for b in range(batches)]
-
-
-def fedmuscle_client(session: ClientSession) -> FedMuscleClient:
-    """The FedMuscle client of a session.
-
-    Raises
-    ------
-    ValueError
-        If the experiment's algorithm is not fedmuscle.
-    """
-    name = session.experiment.algorithm.name
-    if name != "fedmuscle":
-        raise ValueError(f"FedMuscle messages reached a client of algorithm {name!r}")
-    return FedMuscleClient(session)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from fedmtl.clients.state import StateStore
 from fedmtl.clients.training import Batch, resolve_device
-from fedmtl.config import ClientConfig, DatasetConfig, Experiment
+from fedmtl.config import DatasetConfig, Experiment
 from fedmtl.data import (
     DatasetSource,
     SampleSet,
@@ -24,9 +24,10 @@ from fedmtl.data import (
     create_dataset,
 )
 from fedmtl.messages import TensorSpec
-from fedmtl.models import MultiTaskModel, build_model
+from fedmtl.models import MultiTaskModel
+from fedmtl.models.factory import build_tasks, init_model
+from fedmtl.models.multitask import shared_parameters
 from fedmtl.seeding import derive_seed
-from fedmtl.tasks import Task, create_task
 
 MODEL_PREFIX = "model."
 EXTRA_PREFIX = "extra."
@@ -45,61 +46,6 @@ def dataset_source(cfg: DatasetConfig, seed: int, root: str | None = None) -> Da
     """The (cached) dataset source a ``[datasets.X]`` entry describes."""
     options = json.dumps(cfg.options, sort_keys=True)
     return _dataset_source(cfg.kind, root or cfg.root, cfg.image_size, seed, options)
-
-
-def build_tasks(experiment: Experiment, client: ClientConfig) -> list[Task]:
-    """Instantiate the client's tasks from its dataset's task table."""
-    from fedmtl.data import dataset_task_table
-
-    dataset = experiment.datasets[client.dataset]
-    table = dataset_task_table(dataset.kind, **dataset.options)
-    return [
-        create_task(table[name].kind, name, table[name].num_outputs, **table[name].options)
-        for name in client.tasks
-    ]
-
-
-def _reset_parameters(module: nn.Module, seed: int) -> None:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for sub in module.modules():
-            reset = getattr(sub, "reset_parameters", None)
-            if callable(reset):
-                reset()
-
-
-def init_model(experiment: Experiment, client: ClientConfig, tasks: list[Task]) -> MultiTaskModel:
-    """Build the client's model with seeds shared by equal parts across clients.
-
-    The encoder is seeded by the experiment seed and the backbone configuration, each decoder
-    and head by the seed, dataset, task and backbone, the projector by the seed and backbone.
-    Clients with equal architectures therefore start from equal weights, as if the server had
-    broadcast an initial model, and the Local baseline starts where federated runs start.
-    """
-    model_cfg = client.model
-    arch = json.dumps([model_cfg.backbone, model_cfg.kwargs], sort_keys=True)
-    projector_dim = None
-    hyper = experiment.algorithm
-    if hasattr(hyper, "projector_dim"):
-        projector_dim = int(hyper.projector_dim)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(experiment.seed, "encoder", arch))
-        model = build_model(
-            model_cfg.backbone,
-            tasks,
-            backbone_kwargs=model_cfg.kwargs,
-            pretrained=model_cfg.pretrained,
-            decoder_channels=model_cfg.decoder_channels,
-            decoder_hidden=model_cfg.decoder_hidden,
-            projector_dim=projector_dim,
-        )
-    for task in tasks:
-        seed = derive_seed(experiment.seed, "decoder", client.dataset, task.name, arch)
-        _reset_parameters(model.decoders[task.name], seed)
-        _reset_parameters(model.heads[task.name], seed + 1)
-    if model.projector is not None:
-        _reset_parameters(model.projector, derive_seed(experiment.seed, "projector", arch))
-    return model
 
 
 class ClientSession:
@@ -255,36 +201,6 @@ class ClientSession:
         self.state.save(round_, tensors, meta)
 
 
-def shared_parameters(model: nn.Module, groups: tuple[str, ...]) -> dict[str, Tensor]:
-    """Trainable parameters (never buffers) whose names fall in the parameter ``groups``.
-
-    ``groups`` are DESIGN.md group prefixes: ``encoder``, ``decoders``, ``heads``,
-    ``projector``; ``decoders`` covers every ``decoders.<task>.``.
-    """
-    prefixes = tuple(g + "." for g in groups)
-    return {
-        name: param.detach()
-        for name, param in model.named_parameters()
-        if name.startswith(prefixes) and param.requires_grad
-    }
-
-
 def shared_specs(model: nn.Module, groups: tuple[str, ...]) -> dict[str, TensorSpec]:
-    """Specs of :func:`shared_parameters` (announced to the server in ``describe``)."""
+    """Specs of :func:`~fedmtl.models.multitask.shared_parameters`, announced in ``describe``."""
     return {k: TensorSpec.of(v) for k, v in shared_parameters(model, groups).items()}
-
-
-def load_tensors(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
-    """Overwrite named parameters/buffers of ``model`` in place, refusing unknown names."""
-    own = model.state_dict()
-    unknown = sorted(set(tensors) - set(own))
-    if unknown:
-        raise KeyError(f"received tensors the model does not have: {unknown[:5]}")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if own[name].shape != value.shape:
-                raise ValueError(
-                    f"received {name} with shape {tuple(value.shape)}, "
-                    f"model has {tuple(own[name].shape)}"
-                )
-            own[name].copy_(value.to(own[name].device, own[name].dtype))

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fedmtl.registry import Registry
+
 SPLITS = ("train", "test")
 
 Sample = tuple[Tensor | str, dict[str, Tensor]]
@@ -302,7 +304,7 @@ class DatasetSource(ABC):
         return FileNotFoundError(f"{self.kind}: {path} does not exist;{self.layout_hint()}")
 
 
-DATASET_REGISTRY: dict[str, type[DatasetSource]] = {}
+DATASET_REGISTRY: Registry[type[DatasetSource]] = Registry("dataset kind", attribute="kind")
 
 
 def register_dataset(kind: str) -> Callable[[type[DatasetSource]], type[DatasetSource]]:
@@ -313,24 +315,7 @@ def register_dataset(kind: str) -> Callable[[type[DatasetSource]], type[DatasetS
     kind : str
         Registry key, e.g. ``"quickstart"`` or ``"cifar10"``.
     """
-
-    def decorator(cls: type[DatasetSource]) -> type[DatasetSource]:
-        if kind in DATASET_REGISTRY:
-            raise ValueError(f"dataset kind {kind!r} is already registered")
-        cls.kind = kind
-        DATASET_REGISTRY[kind] = cls
-        return cls
-
-    return decorator
-
-
-def _source_class(kind: str) -> type[DatasetSource]:
-    try:
-        return DATASET_REGISTRY[kind]
-    except KeyError:
-        raise KeyError(
-            f"unknown dataset kind {kind!r}; known: {sorted(DATASET_REGISTRY)}"
-        ) from None
+    return DATASET_REGISTRY.register(kind)
 
 
 def accepted_options(cls: type[DatasetSource]) -> list[str]:
@@ -375,7 +360,7 @@ def create_dataset(kind: str, root: str | Path | None = None, **options: Any) ->
     ValueError
         If an option is unknown to the source.
     """
-    cls = _source_class(kind)
+    cls = DATASET_REGISTRY[kind]
     check_options(cls, options)
     return cls(root, **options)
 
@@ -388,4 +373,4 @@ def dataset_task_table(kind: str, **options: Any) -> dict[str, TaskInfo]:
     KeyError
         If ``kind`` is not registered.
     """
-    return _source_class(kind).task_table(**options)
+    return DATASET_REGISTRY[kind].task_table(**options)

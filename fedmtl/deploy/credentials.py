@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedmtl.tls import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY
+
 # Names every SuperLink certificate covers: loopback (CLI and SuperNodes on the server itself)
 # and the docker compose service name (SuperNode containers reach it as ``superlink``).
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1", "superlink")
-CA_CERT, CA_KEY = "ca.crt", "ca.key"
-SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
 # Flower accepts SuperNode keys on NIST curves only; P-384 as in Flower's own docs.
 NODE_KEY_CURVE = ec.SECP384R1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedmtl.catalog import supported_backbones
 from fedmtl.models.decoders import ClassificationDecoder, DenseDecoder
 from fedmtl.models.multitask import (
     MultiTaskModel,
@@ -19,7 +20,6 @@ from fedmtl.models.registry import (
     EncoderOutput,
     create_encoder,
     register_encoder,
-    supported_backbones,
 )
 from fedmtl.models.text import HashingTokenizer, TextEncoder
 from fedmtl.models.vision import TimmEncoder

@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,7 +30,7 @@ from fedmtl.tasks.base import Task
 
 ModelInputs = Tensor | TextInputs
 
-# Top-level submodules of the parameter-group contract (DESIGN.md); the per-task ones are
+# Top-level submodules of the parameter-group contract (docs/ARCHITECTURE.md); the per-task ones are
 # split one level further, by task name.
 _SHARED_GROUPS = ("encoder", "projector")
 _PER_TASK_GROUPS = ("decoders", "heads")
@@ -276,6 +277,36 @@ def group_state(
         for k, v in state.items()
         if any(k.startswith(p) for p in wanted) and (include_buffers or k not in buffers)
     }
+
+
+def shared_parameters(model: nn.Module, groups: tuple[str, ...]) -> dict[str, Tensor]:
+    """Trainable parameters (never buffers) whose names fall in the parameter ``groups``.
+
+    ``groups`` are parameter-group prefixes (docs/ARCHITECTURE.md): ``encoder``, ``decoders``,
+    ``heads``, ``projector``; ``decoders`` covers every ``decoders.<task>.``.
+    """
+    prefixes = tuple(g + "." for g in groups)
+    return {
+        name: param.detach()
+        for name, param in model.named_parameters()
+        if name.startswith(prefixes) and param.requires_grad
+    }
+
+
+def load_tensors(model: nn.Module, tensors: Mapping[str, Tensor]) -> None:
+    """Overwrite named parameters/buffers of ``model`` in place, refusing unknown names."""
+    own = model.state_dict()
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise KeyError(f"received tensors the model does not have: {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if own[name].shape != value.shape:
+                raise ValueError(
+                    f"received {name} with shape {tuple(value.shape)}, "
+                    f"model has {tuple(own[name].shape)}"
+                )
+            own[name].copy_(value.to(own[name].device, own[name].dtype))
 
 
 def encoder_signature(model: MultiTaskModel) -> str:

@@ -9,6 +9,9 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from fedmtl.catalog import BACKBONES, backbone_family
+from fedmtl.registry import Registry
+
 
 @dataclass
 class EncoderOutput:
@@ -33,9 +36,10 @@ class EncoderOutput:
 class Encoder(nn.Module, ABC):
     """Base class of the backbone wrappers.
 
-    Subclasses set ``modality`` and ``backbones`` (the names they accept) as class attributes,
-    and ``num_features`` (D) and ``feature_channels`` (``C_i`` of each feature map) in
-    ``__init__``. Their constructor signature is ``(backbone, *, pretrained=None, **kwargs)``.
+    Subclasses set ``modality`` as a class attribute (``backbones``, the names they build, comes
+    from :data:`fedmtl.catalog.BACKBONES` at registration), and ``num_features`` (D) and
+    ``feature_channels`` (``C_i`` of each feature map) in ``__init__``. Their constructor
+    signature is ``(backbone, *, pretrained=None, **kwargs)``.
     """
 
     family: ClassVar[str] = ""
@@ -50,7 +54,7 @@ class Encoder(nn.Module, ABC):
         """Encode a batch; see the subclass for the accepted input type."""
 
 
-ENCODER_REGISTRY: dict[str, type[Encoder]] = {}
+ENCODER_REGISTRY: Registry[type[Encoder]] = Registry("encoder family", attribute="family")
 
 
 def register_encoder(family: str) -> Callable[[type[Encoder]], type[Encoder]]:
@@ -59,26 +63,19 @@ def register_encoder(family: str) -> Callable[[type[Encoder]], type[Encoder]]:
     Parameters
     ----------
     family : str
-        Family name, e.g. ``"vit"``; the class's ``backbones`` lists the names it builds.
+        Family name, e.g. ``"vit"``: a key of :data:`fedmtl.catalog.BACKBONES`, whose list of
+        backbone names (the one the experiment schema accepts) becomes the class's
+        ``backbones``.
     """
+    if family not in BACKBONES:
+        raise ValueError(f"encoder family {family!r} is not in fedmtl.catalog.BACKBONES")
 
     def decorator(cls: type[Encoder]) -> type[Encoder]:
-        if family in ENCODER_REGISTRY:
-            raise ValueError(f"encoder family {family!r} is already registered")
-        taken = {name for other in ENCODER_REGISTRY.values() for name in other.backbones}
-        clash = sorted(taken.intersection(cls.backbones))
-        if clash:
-            raise ValueError(f"backbones {clash} are already served by another family")
-        cls.family = family
-        ENCODER_REGISTRY[family] = cls
+        ENCODER_REGISTRY.add(family, cls)
+        cls.backbones = BACKBONES[family]
         return cls
 
     return decorator
-
-
-def supported_backbones() -> list[str]:
-    """Every backbone name ``create_encoder`` accepts, sorted."""
-    return sorted(name for cls in ENCODER_REGISTRY.values() for name in cls.backbones)
 
 
 def resolve_family(backbone: str) -> str:
@@ -89,10 +86,7 @@ def resolve_family(backbone: str) -> str:
     ValueError
         If no family builds it; the message lists the supported names.
     """
-    for family, cls in ENCODER_REGISTRY.items():
-        if backbone in cls.backbones:
-            return family
-    raise ValueError(f"unknown backbone {backbone!r}; supported: {supported_backbones()}")
+    return backbone_family(backbone)
 
 
 def create_encoder(backbone: str, *, pretrained: str | None = None, **kwargs: Any) -> Encoder:

@@ -195,7 +195,6 @@ class TextEncoder(Encoder):
 class BertEncoder(TextEncoder):
     """BERT without its pooler (pooled is the raw [CLS] state, so no parameter goes unused)."""
 
-    backbones: ClassVar[tuple[str, ...]] = ("bert",)
     config_class_name = "BertConfig"
     model_class_name = "BertModel"
     default_hub_id = "bert-base-uncased"
@@ -207,7 +206,6 @@ class BertEncoder(TextEncoder):
 class DistilBertEncoder(TextEncoder):
     """DistilBERT (config fields ``dim``, ``n_layers``, ``n_heads``, ``hidden_dim``)."""
 
-    backbones: ClassVar[tuple[str, ...]] = ("distilbert",)
     config_class_name = "DistilBertConfig"
     model_class_name = "DistilBertModel"
     default_hub_id = "distilbert-base-uncased"

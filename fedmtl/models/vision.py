@@ -75,12 +75,6 @@ class ViTEncoder(TimmEncoder):
     patch grid); pooled is timm's pre-logits (the class token after the final norm).
     """
 
-    backbones: ClassVar[tuple[str, ...]] = (
-        "vit_tiny_patch16_224",
-        "vit_small_patch16_224",
-        "vit_base_patch16_224",
-        "vit_large_patch16_224",
-    )
     num_feature_maps: ClassVar[int] = 4
 
     def select_feature_indices(self, num_stages: int) -> list[int]:
@@ -94,14 +88,10 @@ class ViTEncoder(TimmEncoder):
 class SwinEncoder(TimmEncoder):
     """Swin Transformer; one feature map per stage (strides 4, 8, 16, 32)."""
 
-    backbones: ClassVar[tuple[str, ...]] = ("swin_tiny_patch4_window7_224",)
-
 
 @register_encoder("resnet")
 class ResNetEncoder(TimmEncoder):
     """ResNet; the four residual stages (strides 4-32), the stride-2 stem map is left out."""
-
-    backbones: ClassVar[tuple[str, ...]] = ("resnet18", "resnet50", "resnet101")
 
     def select_feature_indices(self, num_stages: int) -> list[int]:
         """Skip index 0 (the stem activation), which would make dense decoders costly."""

@@ -15,8 +15,15 @@ from typing import Any
 from torch import Tensor
 
 from fedmtl.aggregation.fedavg import weighted_average
-from fedmtl.strategies.base import ClientInfo, Reply, Strategy, register_strategy
-from fedmtl.strategies.loop import FederatedLoop, checkpoint_tensors, split_checkpoint
+from fedmtl.strategies.base import (
+    ClientInfo,
+    Federation,
+    Reply,
+    Strategy,
+    checkpoint_tensors,
+    register_strategy,
+    split_checkpoint,
+)
 
 
 @register_strategy("local")
@@ -45,10 +52,10 @@ class GroupAveraging(Strategy):
                 out.update(self.global_groups.get(key, {}))
         return out
 
-    def run_round(self, loop: FederatedLoop, round_: int, clients: list[ClientInfo]) -> None:
+    def run_round(self, federation: Federation, round_: int, clients: list[ClientInfo]) -> None:
         """Count who holds each group (decides what is uploaded), then FedAvg's round."""
-        self._count_holders(loop.clients)
-        super().run_round(loop, round_, clients)
+        self._count_holders(federation.clients)
+        super().run_round(federation, round_, clients)
 
     def _count_holders(self, clients: Mapping[str, ClientInfo]) -> None:
         self.holders = {}
@@ -74,15 +81,15 @@ class GroupAveraging(Strategy):
     ) -> dict[str, float]:
         """Weighted (by training examples) average per group key among repliers.
 
-        ``holders`` were counted by :meth:`run_round` before the train phase.
+        Each reply carries the groups it was asked for (the round's upload plan).
         """
         members: dict[str, list[tuple[dict[str, Tensor], float]]] = {}
         for client_id, reply in replies.items():
             info = clients[client_id]
             weight = float(reply.metrics["num-examples"])
-            uploaded = set(self.upload_groups(info) or ())
+            uploaded = reply.upload_groups
             for group, specs in info.group_specs(self.shares).items():
-                if group not in uploaded:
+                if uploaded is not None and group not in uploaded:
                     continue
                 tensors = {name: reply.arrays[name] for name in specs}
                 members.setdefault(info.group_key(group), []).append((tensors, weight))

@@ -1,16 +1,23 @@
 """FedHCA² server: conflict-averse encoders, cross-attention decoders, learned hyper weights.
 
-Spec: spec/fedhca2.md; the maths is :func:`fedmtl.aggregation.fedhca2.fedhca2_round`.
+The maths is :func:`fedmtl.aggregation.fedhca2.fedhca2_round` (Lu et al., "FedHCA²: Towards
+Hetero-Client Federated Multi-Task Learning", CVPR 2024).
 
 Clients and decoders. The N clients of the experiment are ordered single-task first, then
 multi-task, each part in file order; the K decoders are the clients' decoders in that order, a
 multi-task client's sorted by task name. α (one per client) and β (one per decoder and decoder
 layer) are indexed by these positions, which are fixed by the experiment file (state is keyed by
 ``client_id``, never by Flower node id). All clients must share one encoder architecture (the
-conflict-averse direction mixes every client's encoder update): checked on the experiment when
-the strategy is built and on what each client announces in ``describe`` before every round, with
-an error naming the client. Decoders may differ: cross-attention runs per layer among the
-decoders whose layer has the same signature (``hyper_cross_attention``).
+conflict-averse direction mixes every client's encoder update): checked on the experiment file
+when the strategy is built (equal ``model.backbone`` and ``model.kwargs``) and on the shapes each
+client announces in ``describe`` before every round, with an error naming the client. Decoders
+may differ: cross-attention runs per layer among the decoders whose layer has the same signature
+(``hyper_cross_attention``).
+
+Shapes come from ``describe`` only (the server never builds a client model). The state is built
+at the first round, from the announced shapes; a client that has not described itself by then
+takes the shapes of a described client with the same model, dataset and tasks in the
+experiment file, and without one the run stops with an error naming it.
 
 Wire format and bytes. Shared are the *parameters* of ``encoder`` and ``decoders.<task>``
 (``FedHCA2Config.shares``); heads and all buffers (BatchNorm statistics) never leave the client.
@@ -20,10 +27,9 @@ Wire format and bytes. Shared are the *parameters* of ``encoder`` and ``decoders
 - Client → server: its parameters after local training θ^local. The server keeps every θ^last,
   so it computes Δ = θ^local − θ^last itself and nothing is sent twice.
 - Start point: before a client's first accepted reply the server does not know its θ^last
-  (in round 1 clients start from their seeded initial models). Its ``train`` message then
-  carries no tensors and sets ``fedhca2/report-start``; the client also uploads the parameters it
-  started from as ``start/<name>`` (validated like the rest), so that round's upload is twice
-  the shared size. A client whose first replies fail is asked again until one is accepted.
+  (in round 1 clients start from their seeded initial models); it asks for it
+  (:mod:`fedmtl.protocols.fedhca2`), so that round's upload is twice the shared size. A client
+  whose first replies fail is asked again until one is accepted.
 
 Per round, with the clients that replied (``present``): the hyper-weight step from the previous
 round's ``U``/``XA`` and this round's Δ, then ``U`` from the raw encoder updates, homo-group mean
@@ -41,6 +47,8 @@ server also holds a second ``[N, d]`` buffer for the uploaded encoders.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -54,14 +62,11 @@ from fedmtl.aggregation.fedhca2 import (
     flatten_states,
     unflatten_state,
 )
-from fedmtl.aggregation.two_tier import architecture_signature, check_single_encoder_architecture
-from fedmtl.clients.fedhca2 import REPORT_START, START_PREFIX
-from fedmtl.clients.session import build_tasks, shared_parameters
+from fedmtl.aggregation.two_tier import check_single_encoder_architecture
 from fedmtl.config import ClientConfig, Experiment
 from fedmtl.messages import TensorSpec
-from fedmtl.models import build_model
-from fedmtl.strategies.base import ClientInfo, Reply, Strategy, register_strategy
-from fedmtl.strategies.loop import FederatedLoop
+from fedmtl.protocols.fedhca2 import REPORT_START, START_PREFIX
+from fedmtl.strategies.base import ClientInfo, Federation, Reply, Strategy, register_strategy
 
 ENCODER_PREFIX = "encoder."
 
@@ -76,19 +81,24 @@ def decoder_order(experiment: Experiment, order: list[str]) -> list[tuple[str, s
     return [(cid, task) for cid in order for task in sorted(experiment.client(cid).tasks)]
 
 
-def shared_structure(
-    experiment: Experiment, client: ClientConfig, shares: tuple[str, ...]
-) -> dict[str, Tensor]:
-    """The parameters ``client`` shares, built on the meta device (names, shapes, dtypes only)."""
-    with torch.device("meta"):
-        model = build_model(
-            client.model.backbone,
-            build_tasks(experiment, client),
-            backbone_kwargs=client.model.kwargs,
-            decoder_channels=client.model.decoder_channels,
-            decoder_hidden=client.model.decoder_hidden,
-        )
-    return shared_parameters(model, shares)
+def model_signature(client: ClientConfig) -> str:
+    """What makes two clients' encoders equal in the experiment file: backbone and its kwargs."""
+    return json.dumps([client.model.backbone, client.model.kwargs], sort_keys=True)
+
+
+def shape_twin(experiment: Experiment, client: ClientConfig) -> str:
+    """Clients with equal twins build models with equal shared shapes (same ``init_model``)."""
+    model = client.model.model_dump(exclude={"pretrained"})
+    kind = experiment.datasets[client.dataset].kind
+    return json.dumps([model, kind, sorted(client.tasks)], sort_keys=True, default=str)
+
+
+def placeholders(specs: Mapping[str, TensorSpec], device: str = "cpu") -> dict[str, Tensor]:
+    """Zero tensors (``device="meta"``: shapes only) of the given names, shapes and dtypes."""
+    return {
+        name: torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype), device=device)
+        for name, spec in specs.items()
+    }
 
 
 @register_strategy("fedhca2")
@@ -103,46 +113,105 @@ class FedHCA2(Strategy):
 
     def __init__(self, experiment: Experiment) -> None:
         super().__init__(experiment)
-        hyper = self.hyper
         self.order = client_order(experiment)
         self.index = {cid: i for i, cid in enumerate(self.order)}
-        self.structure = {
-            c.client_id: shared_structure(experiment, c, self.shares) for c in experiment.clients
-        }
-        encoders = {
-            cid: {k: v for k, v in shared.items() if k.startswith(ENCODER_PREFIX)}
-            for cid, shared in self.structure.items()
-        }
         try:
             check_single_encoder_architecture(
-                {cid: architecture_signature(encoders[cid]) for cid in self.order}
+                {cid: model_signature(experiment.client(cid)) for cid in self.order}
             )
+        except ValueError as exc:
+            raise ValueError(
+                f"FedHCA² mixes the encoder updates of all clients, so they must share one "
+                f"encoder architecture (model.backbone and model.kwargs): {exc}"
+            ) from None
+        self.decoders = decoder_order(experiment, self.order)
+        self.client_decoders: dict[str, list[int]] = {cid: [] for cid in self.order}
+        for k, (cid, _) in enumerate(self.decoders):
+            self.client_decoders[cid].append(k)
+        self.group_keys = [
+            (experiment.client(cid).dataset, tuple(sorted(experiment.client(cid).tasks)))
+            for cid in self.order
+        ]
+        self.structure: dict[str, dict[str, TensorSpec]] = {}  # shared specs, from describe
+        self._state: FedHCA2State | None = None  # built by prepare() from the shapes
+        self.layout = FlatLayout((), ())  # the encoder's, set with the state
+        self.known = torch.zeros(len(self.order), dtype=torch.bool)  # θ^last received?
+        self._local: Tensor | None = None  # [N, d] uploaded encoders, reused every round
+        self._pending: dict[str, Tensor] | None = None  # checkpoint loaded before prepare()
+
+    @property
+    def state(self) -> FedHCA2State:
+        """The round-to-round state (exists once :meth:`prepare` has seen the shapes).
+
+        Raises
+        ------
+        RuntimeError
+            Before :meth:`prepare`.
+        """
+        if self._state is None:
+            raise RuntimeError("FedHCA² state is built from the clients' describe replies first")
+        return self._state
+
+    def prepare(self, clients: Mapping[str, ClientInfo]) -> None:
+        """Learn the clients' shared shapes from ``describe``; build the state once.
+
+        Raises
+        ------
+        ValueError
+            If a client announces shapes that differ from its earlier announcement or from the
+            encoder the others announce, or the state must be built while a client whose
+            shapes no described client shares has not described itself (naming it).
+        """
+        self.check_clients(clients.values())
+        for cid, info in clients.items():
+            self.structure.setdefault(cid, self._announced(info))
+        if self._state is not None:
+            return
+        twins = {
+            cid: shape_twin(self.experiment, self.experiment.client(cid)) for cid in self.order
+        }
+        for cid in self.order:
+            if cid not in self.structure:
+                twin = next((c for c in self.structure if twins[c] == twins[cid]), None)
+                if twin is None:
+                    raise ValueError(
+                        f"FedHCA² needs the shapes of every client's decoders before its first "
+                        f"aggregation; client {cid!r} has not described itself and no described "
+                        f"client has its model, dataset and tasks"
+                    )
+                self.structure[cid] = dict(self.structure[twin])
+        self._build_state()
+
+    def _build_state(self) -> None:
+        hyper = self.hyper
+        encoders = {
+            cid: {k: v for k, v in specs.items() if k.startswith(ENCODER_PREFIX)}
+            for cid, specs in self.structure.items()
+        }
+        signatures = {
+            cid: hashlib.sha256(repr(sorted(e.items())).encode()).hexdigest()[:16]
+            for cid, e in encoders.items()
+        }
+        try:
+            check_single_encoder_architecture(signatures)
         except ValueError as exc:
             raise ValueError(
                 f"FedHCA² mixes the encoder updates of all clients, so they must share one "
                 f"encoder architecture: {exc}"
             ) from None
-        reference = encoders[self.order[0]]
+        reference = placeholders(encoders[self.order[0]], device="meta")
         self.layout = FlatLayout.from_state(reference)
-        self.decoders = decoder_order(experiment, self.order)
-        self.client_decoders: dict[str, list[int]] = {cid: [] for cid in self.order}
         initial_decoders = []
-        for k, (cid, task) in enumerate(self.decoders):
-            self.client_decoders[cid].append(k)
+        for cid, task in self.decoders:
             prefix = f"decoders.{task}."
-            initial_decoders.append(
-                {
-                    name.removeprefix(prefix): torch.zeros(t.shape, dtype=t.dtype)
-                    for name, t in self.structure[cid].items()
-                    if name.startswith(prefix)
-                }
-            )
-        self.group_keys = [
-            (experiment.client(cid).dataset, tuple(sorted(experiment.client(cid).tasks)))
-            for cid in self.order
-        ]
+            specs = {
+                name.removeprefix(prefix): spec
+                for name, spec in self.structure[cid].items()
+                if name.startswith(prefix)
+            }
+            initial_decoders.append(placeholders(specs))
         dtype = next(iter(reference.values())).dtype
-        self.state = FedHCA2State.initial(
+        self._state = FedHCA2State.initial(
             torch.zeros(len(self.order), self.layout.numel, dtype=dtype),
             initial_decoders,
             [self.index[cid] for cid, _ in self.decoders],
@@ -151,10 +220,19 @@ class FedHCA2(Strategy):
             momentum=hyper.hyper_momentum,
             weight_decay=hyper.hyper_weight_decay,
         )
-        for beta in self.state.hyper.beta:  # HyperWeights starts α and β at one value
+        for beta in self._state.hyper.beta:  # HyperWeights starts α and β at one value
             beta.fill_(hyper.beta_init)
-        self.known = torch.zeros(len(self.order), dtype=torch.bool)  # θ^last received?
-        self._local: Tensor | None = None  # [N, d] uploaded encoders, reused every round
+        if self._pending is not None:
+            self._restore(self._pending)
+            self._pending = None
+
+    def _announced(self, client: ClientInfo) -> dict[str, TensorSpec]:
+        """The shared specs ``client`` announced (encoder and decoders)."""
+        return {
+            name: spec
+            for specs in client.group_specs(self.shares).values()
+            for name, spec in specs.items()
+        }
 
     # -- what clients receive and send -------------------------------------------------
 
@@ -177,9 +255,9 @@ class FedHCA2(Strategy):
             return {}
         return self.personalised(client.client_id)
 
-    def expected_reply(self, client: ClientInfo) -> dict[str, TensorSpec]:
+    def expected_reply(self, client: ClientInfo, upload: list[str] | None) -> dict[str, TensorSpec]:
         """Its encoder and decoder parameters, plus ``start/…`` copies when asked for them."""
-        specs = {k: TensorSpec.of(t) for k, t in self.structure[client.client_id].items()}
+        specs = self.structure[client.client_id]
         if bool(self.known[self.index[client.client_id]]):
             return specs
         return {**specs, **{START_PREFIX + k: spec for k, spec in specs.items()}}
@@ -187,7 +265,7 @@ class FedHCA2(Strategy):
     # -- the round ---------------------------------------------------------------------
 
     def check_clients(self, clients: Iterable[ClientInfo]) -> None:
-        """Check that every client announced the shared tensors its experiment entry implies.
+        """Check that every client announces the shared tensors it announced before.
 
         Raises
         ------
@@ -195,12 +273,10 @@ class FedHCA2(Strategy):
             Naming the client and the first differing tensor (e.g. another encoder).
         """
         for client in clients:
-            announced = {
-                name: spec
-                for specs in client.group_specs(self.shares).values()
-                for name, spec in specs.items()
-            }
-            expected = {k: TensorSpec.of(t) for k, t in self.structure[client.client_id].items()}
+            expected = self.structure.get(client.client_id)
+            if expected is None:
+                continue
+            announced = self._announced(client)
             if announced != expected:
                 differing = sorted(
                     name
@@ -209,14 +285,14 @@ class FedHCA2(Strategy):
                 )
                 raise ValueError(
                     f"client {client.client_id!r} announced shared tensors that differ from the "
-                    f"model its experiment entry describes (FedHCA² needs one encoder "
-                    f"architecture): first differing tensors {differing[:3]}"
+                    f"ones it announced before (FedHCA² needs one encoder architecture): first "
+                    f"differing tensors {differing[:3]}"
                 )
 
-    def run_round(self, loop: FederatedLoop, round_: int, clients: list[ClientInfo]) -> None:
-        """Check what every known client announced, then train and aggregate."""
-        self.check_clients(loop.clients.values())
-        super().run_round(loop, round_, clients)
+    def run_round(self, federation: Federation, round_: int, clients: list[ClientInfo]) -> None:
+        """Check what every known client announced (building the state once), then train."""
+        self.prepare(federation.clients)
+        super().run_round(federation, round_, clients)
 
     def aggregate(
         self, round_: int, replies: Mapping[str, Reply], clients: Mapping[str, ClientInfo]
@@ -280,7 +356,9 @@ class FedHCA2(Strategy):
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Every θ^last, α, β and momenta, ``U``, ``XA`` and which θ^last are known."""
         meta = {"order": self.order, "decoders": [list(d) for d in self.decoders]}
-        return {**self.state.state_dict(), "known": self.known}, meta
+        if self._state is None:  # no client described itself yet: nothing learnt
+            return dict(self._pending or {}), meta
+        return {**self._state.state_dict(), "known": self.known}, meta
 
     def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (for the same experiment).
@@ -297,5 +375,12 @@ class FedHCA2(Strategy):
                 f"checkpoint clients/decoders {meta['order']} / {meta['decoders']} differ from "
                 f"this experiment's {self.order} / {self.decoders}"
             )
+        if self._state is None:  # a resume: the shapes come with the clients' describe replies
+            self._pending = dict(tensors)
+        else:
+            self._restore(tensors)
+
+    def _restore(self, tensors: Mapping[str, Tensor]) -> None:
         self.state.load_state_dict({k: v for k, v in tensors.items() if k != "known"})
-        self.known = tensors["known"].to(torch.bool).clone()
+        if "known" in tensors:
+            self.known = tensors["known"].to(torch.bool).clone()

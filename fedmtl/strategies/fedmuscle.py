@@ -1,12 +1,12 @@
 """FedMuscle server: representation exchange on a public dataset, contrastive payloads from M peers.
 
-A round (spec/fedmuscle.md §2): the ordinary ``train`` phase (E local epochs on each client's
+A round: the ordinary ``train`` phase (E local epochs on each client's
 tasks; no weights are shared), then ``contrastive_epochs`` passes over the ``[public]`` dataset.
 For public batch ``b`` the server draws M = ``num_peers`` peers for every client with
 :func:`draw_peers` (seeded by experiment seed, round and the batch's number within the round,
 re-drawn for every batch), builds each client's payload with :func:`client_payload`, and the
-client takes one step on its encoder and projector (``fedmtl.clients.fedmuscle``; wire format
-there). Clients are then evaluated as usual.
+client takes one step on its encoder and projector (``fedmtl.clients.fedmuscle``; wire format:
+:mod:`fedmtl.protocols.fedmuscle`). Clients are then evaluated as usual.
 
 Schedules (``schedule``):
 
@@ -23,7 +23,7 @@ Schedules (``schedule``):
   give the same updates. T·|D|/B + 1 exchanges per round.
 
 Channels (``channel``, ``batch`` schedule only): ``flower`` sends the exchanges above as Flower
-messages; ``stream`` opens fedmtl's gRPC stream (:mod:`fedmtl.stream`) for the phase. One
+messages; ``stream`` runs the phase over fedmtl's gRPC stream (:class:`StreamChannel`). One
 ``train.align`` per client carries a ticket (address, per-run token, CA); the client then
 sends ``Z`` of every step over its stream and gets the payload :meth:`FedMuscle._payloads`
 builds, the same function and peer draw (the step is the batch's number in the round), so the
@@ -71,38 +71,30 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 import statistics
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import RecordDict
 from torch import Tensor
 
 from fedmtl.aggregation.muscle_targets import client_payload, draw_peers, payload_bytes
-from fedmtl.clients.fedmuscle import (
+from fedmtl.config import Experiment
+from fedmtl.messages import ReplyError, TensorSpec, make_content, validate_tensors
+from fedmtl.protocols.fedmuscle import (
+    ALIGN,
     EPOCH,
-    REPRESENT_BATCHES,
-    REPRESENT_EPOCH,
+    REPRESENT,
     contrastive_schedule,
     payload_key,
+    represent_request,
     representation_key,
 )
-from fedmtl.config import Experiment
-from fedmtl.messages import ALIGN, REPRESENT, ReplyError, TensorSpec, make_content, validate_tensors
-from fedmtl.strategies.base import ClientInfo, Reply, Strategy, register_strategy
-from fedmtl.strategies.loop import FederatedLoop
-from fedmtl.stream.client import StreamTicket
-from fedmtl.stream.server import (
-    ExchangeServer,
-    PhaseReport,
-    StreamEndpoint,
-    StreamPhase,
-    StreamUnavailable,
-)
+from fedmtl.strategies.base import ClientInfo, Federation, Reply, Strategy, register_strategy
+from fedmtl.stream.channel import StreamChannel
+from fedmtl.stream.server import PhaseReport
 from fedmtl.stream.wire import payload_frame_bytes, representation_bytes
 
 log = logging.getLogger("fedmtl.server")
@@ -112,7 +104,7 @@ log = logging.getLogger("fedmtl.server")
 class ContrastiveRound:
     """Book-keeping of one round's contrastive phase."""
 
-    loop: FederatedLoop
+    loop: Federation  # the round loop, as a strategy sees it
     round: int
     members: list[str]  # clients whose train reply was good, in experiment order
     active: set[str]  # members that still answer
@@ -144,11 +136,17 @@ class FedMuscle(Strategy):
         # PublicDataset cuts each epoch's permutation into consecutive chunks of batch_size.
         self.batch_sizes = [min(batch, size - start) for start in range(0, size, batch)]
         self.tau_prev = hyper.tau if hyper.loss == "infonce" else hyper.tau_prev
-        # channel = "stream": the port is opened at the first phase and kept for the run;
-        # tokens are fresh per run (a resumed run is a new run) and per client.
-        self._server: ExchangeServer | None = None
-        self._stream_failed = False
-        self._tokens = {c.client_id: secrets.token_urlsafe(32) for c in experiment.clients}
+        # channel = "stream": the port is opened at the first phase and kept for the run.
+        full = self.batch_sizes[0]
+        down = payload_bytes(hyper.protocol, full, hyper.projector_dim, hyper.num_peers)
+        self.stream = StreamChannel(
+            [c.client_id for c in experiment.clients],
+            default_port=hyper.stream_port,
+            max_up=representation_bytes(full, hyper.projector_dim),
+            max_down=payload_frame_bytes(down),
+            connect_deadline=hyper.connect_deadline,
+            batch_deadline=hyper.batch_deadline,
+        )
 
     # -- numbering ---------------------------------------------------------------------
 
@@ -158,22 +156,22 @@ class FedMuscle(Strategy):
 
     # -- the round ---------------------------------------------------------------------
 
-    def run_round(self, loop: FederatedLoop, round_: int, clients: list[ClientInfo]) -> None:
+    def run_round(self, federation: Federation, round_: int, clients: list[ClientInfo]) -> None:
         """Local training, then ``contrastive_epochs`` passes over the public dataset."""
-        replies = loop.train_phase(round_, clients)
+        replies = federation.train_phase(round_, clients)
         members = [c.client_id for c in clients if c.client_id in replies]
-        state = ContrastiveRound(loop, round_, members, set(members))
+        state = ContrastiveRound(federation, round_, members, set(members))
         if len(members) < 2:
             log.warning(
                 "[ROUND %d] contrastive phase skipped: %d client(s) trained", round_, len(members)
             )
         elif self.hyper.schedule == "epoch":
             self._epoch_schedule(state)
-        elif self.hyper.channel == "stream" and not self._stream_failed:
+        elif self.hyper.channel == "stream" and not self.stream.failed:
             self._stream_schedule(state)
         else:
             self._batch_schedule(state)
-        loop.record_server(round_, self._metrics(state))
+        federation.record_server(round_, self._metrics(state))
 
     def _epoch_schedule(self, state: ContrastiveRound) -> None:
         per_epoch = len(self.batch_sizes)
@@ -215,84 +213,28 @@ class FedMuscle(Strategy):
 
     # -- the stream channel ------------------------------------------------------------
 
-    def _open_stream(self, loop: FederatedLoop) -> ExchangeServer | None:
-        """The run's stream server, opened on first use; ``None`` (with a warning) if it fails."""
-        if self._server is not None:
-            return self._server
-        hyper = self.hyper
-        try:
-            endpoint = StreamEndpoint.from_run_config(loop.run_config, hyper.stream_port)
-            up, down = self._frame_limits()
-            self._server = ExchangeServer(
-                endpoint, max_receive=up, max_send=down, max_clients=len(self.experiment.clients)
-            )
-        except (StreamUnavailable, ValueError, OSError) as exc:
-            port = loop.run_config.get("stream-port") or hyper.stream_port
-            log.warning(
-                "FedMuscle stream on port %s cannot be opened (%s): falling back to Flower "
-                "messages for the rest of the run",
-                port,
-                exc,
-            )
-            self._stream_failed = True
-            return None
-        return self._server
-
-    def _frame_limits(self) -> tuple[int, int]:
-        """Largest frame up (a representation) and down (a payload) the experiment implies."""
-        hyper, full = self.hyper, self.batch_sizes[0]
-        down = payload_bytes(hyper.protocol, full, hyper.projector_dim, hyper.num_peers)
-        return representation_bytes(full, hyper.projector_dim), payload_frame_bytes(down)
-
     def _stream_schedule(self, state: ContrastiveRound) -> None:
         """The batch schedule over the stream: one Flower message opens it, then gRPC frames."""
-        server = self._open_stream(state.loop)
-        if server is None:
+        federation = state.loop
+        members = [c for c in state.members if c in state.active]
+        tickets = self.stream.tickets(federation.run_config, members)
+        if tickets is None:
             self._batch_schedule(state)
             return
-        hyper = self.hyper
         items = contrastive_schedule(self.experiment, state.round, len(self.batch_sizes))
-        members = [c for c in state.members if c in state.active]
-        phase = StreamPhase(
-            state.round,
-            {c: self._tokens[c] for c in members},
-            [self.representation_spec(batch) for _, batch in items],
-            lambda step, reps: self._payloads(state, step, reps),
-            batch_deadline=hyper.batch_deadline,
-            connect_deadline=hyper.connect_deadline,
-        )
-        up, down = self._frame_limits()
-        ticket = StreamTicket(
-            address=server.address,
-            token="",
-            ca_pem=server.endpoint.ca_pem(),
-            connect_deadline=hyper.connect_deadline,
-            batch_deadline=hyper.batch_deadline,
-            max_receive=down,  # the client receives payloads and sends representations
-            max_send=up,
-        )
+        specs = [self.representation_spec(batch) for _, batch in items]
         contents = {
-            c: make_content(
-                {
-                    **state.loop.base_config(state.round, c),
-                    **replace(ticket, token=self._tokens[c]).to_config(),
-                }
-            )
+            c: make_content({**federation.base_config(state.round, c), **tickets[c]})
             for c in members
         }
-        server.phase = phase
-        coordinator = threading.Thread(target=phase.run, name="stream-phase", daemon=True)
-        coordinator.start()
-        try:
+        with self.stream.phase(
+            state.round, members, specs, lambda step, reps: self._payloads(state, step, reps)
+        ) as phase:
             replies = self._exchange(state, "align", ALIGN, contents, {c: {} for c in members})
-        finally:
-            phase.cancel()  # every client has answered (or failed): nobody is left to wait for
-            coordinator.join()
-            server.phase = None
         done = phase.report
         self._add_losses(state, replies)
         for client, reply in replies.items():
-            state.loop.record_client(
+            federation.record_client(
                 state.round,
                 client,
                 {k: v for k, v in reply.metrics.items() if k.startswith("stream/")},
@@ -301,30 +243,25 @@ class FedMuscle(Strategy):
         unreachable = sorted(set(members) - done.connected)
         if not done.connected:
             log.warning(
-                "[ROUND %d] no client reached the FedMuscle stream at %s (is port %d open to "
-                "them?): falling back to Flower messages for the rest of the run",
+                "[ROUND %d] no client reached the FedMuscle stream at %s (is it open to them?): "
+                "falling back to Flower messages for the rest of the run",
                 state.round,
-                server.address,
-                server.port,
+                self.stream.where(),
             )
-            self._stream_failed = True
-            self.close()
+            self.stream.give_up()
             self._batch_schedule(state)
         elif unreachable:
             log.warning(
-                "[ROUND %d] %s did not reach the FedMuscle stream at %s (port %d) and missed "
-                "this round's contrastive phase",
+                "[ROUND %d] %s did not reach the FedMuscle stream at %s and missed this round's "
+                "contrastive phase",
                 state.round,
                 unreachable,
-                server.address,
-                server.port,
+                self.stream.where(),
             )
 
     def close(self) -> None:
         """Close the stream's port."""
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+        self.stream.close()
 
     # -- phases ------------------------------------------------------------------------
 
@@ -338,7 +275,7 @@ class FedMuscle(Strategy):
         *,
         timed: bool = True,
     ) -> dict[str, Reply]:
-        """``loop.exchange`` with representation checks; drops clients that did not answer.
+        """``federation.exchange`` with representation checks; drops clients that did not answer.
 
         ``timed`` exchanges (one public batch or epoch each) go into the round's latency
         metrics; the stream's opening message, which spans the whole phase, does not.
@@ -380,11 +317,9 @@ class FedMuscle(Strategy):
     ) -> dict[str, dict[int, Tensor]]:
         """``query.represent`` to every active client: ``{client: {b: Z_b}}`` of good replies."""
         clients = [c for c in state.members if c in state.active]
-        # ConfigRecord values may be lists of ints (make_content's annotation omits them).
-        config: dict[str, Any] = {REPRESENT_EPOCH: public_epoch, REPRESENT_BATCHES: list(batches)}
-        contents = {
-            c: make_content({**state.loop.base_config(state.round, c), **config}) for c in clients
-        }
+        config = represent_request(public_epoch, list(batches))
+        base = state.loop.base_config
+        contents = {c: make_content({**base(state.round, c), **config}) for c in clients}
         expected = {
             c: {representation_key(b): self.representation_spec(b) for b in batches}
             for c in clients
@@ -449,7 +384,7 @@ class FedMuscle(Strategy):
             }
             expected[client] = {}
             if request is not None:
-                config.update({REPRESENT_EPOCH: request[0], REPRESENT_BATCHES: [request[1]]})
+                config.update(represent_request(request[0], [request[1]]))
                 expected[client] = {
                     representation_key(request[1]): self.representation_spec(request[1])
                 }

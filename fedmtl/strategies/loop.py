@@ -13,12 +13,11 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
-from torch import Tensor
 
 from fedmtl.config import Experiment, experiment_to_json
 from fedmtl.messages import (
@@ -44,11 +43,10 @@ from fedmtl.messages import (
 )
 from fedmtl.results import RunDirectory
 from fedmtl.seeding import derive_seed
-from fedmtl.strategies.base import ClientInfo, Reply, Strategy
+from fedmtl.strategies.base import ClientInfo, Reply, Strategy, Validator
 
 log = logging.getLogger("fedmtl.server")
 
-Validator = Callable[[ClientInfo, Reply], None]
 DESCRIBE_ERROR = "error"  # describe reply: the client's own error (it knows who it is, not ok)
 POLL_SECONDS = 0.2  # how often replies are pulled (and a stop request noticed)
 
@@ -360,6 +358,12 @@ class FederatedLoop:
                 num_train=int(str(metrics[NUM_EXAMPLES])),
                 num_test=int(str(metrics["num-test"])),
                 specs=specs_from_json(str(info["specs"])),
+                primary_metrics={
+                    task: (str(metric), bool(higher))
+                    for task, (metric, higher) in json.loads(
+                        str(info.get("primary-metrics", "{}"))
+                    ).items()
+                },
             )
         missing = [c.client_id for c in self.experiment.clients if c.client_id not in self.clients]
         if missing:
@@ -405,23 +409,28 @@ class FederatedLoop:
     # -- phases -----------------------------------------------------------------------
 
     def train_phase(self, round_: int, clients: list[ClientInfo]) -> dict[str, Reply]:
-        """Send ``train`` with each client's own tensors; validate and return good replies."""
+        """Send ``train`` with each client's own tensors; validate and return good replies.
+
+        The strategy's upload plan is asked once per client: it goes into the message, into
+        the reply's validation and onto the reply (:attr:`Reply.upload_groups`).
+        """
         strategy = self.strategy
         contents = {}
+        plan: dict[str, list[str] | None] = {}
         for c in clients:
             config = {**self.base_config(round_, c.client_id), **strategy.train_config(round_, c)}
-            upload = strategy.upload_groups(c)
+            upload = plan[c.client_id] = strategy.upload_groups(c)
             if upload is not None:
                 config[UPLOAD_GROUPS] = list(upload)
             contents[c.client_id] = make_content(config, strategy.train_arrays(round_, c))
 
         def validate(client: ClientInfo, reply: Reply) -> None:
-            validate_tensors(
-                reply.arrays, strategy.expected_reply(client), client_id=client.client_id
-            )
+            expected = strategy.expected_reply(client, plan[client.client_id])
+            validate_tensors(reply.arrays, expected, client_id=client.client_id)
 
         replies = self.exchange(round_, "train", TRAIN, contents, validate)
         for client_id, reply in replies.items():
+            reply.upload_groups = plan[client_id]
             metrics = {k: v for k, v in reply.metrics.items() if k != NUM_EXAMPLES}
             self.record_client(round_, client_id, metrics)
         return replies
@@ -497,17 +506,3 @@ class FederatedLoop:
         lines += [f"  {c}: {self._rows.get(c, {}).get('error', 'no reply')}" for c in clients]
         lines += [f"  node {n}: {e}" for n, e in self.node_errors.items()]
         return "\n".join(lines)
-
-
-def checkpoint_tensors(prefix: str, tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Namespace tensors for a checkpoint (``prefix/name``)."""
-    return {f"{prefix}/{k}": v for k, v in tensors.items()}
-
-
-def split_checkpoint(tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """Inverse of :func:`checkpoint_tensors` over several prefixes."""
-    out: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        prefix, _, name = key.partition("/")
-        out.setdefault(prefix, {})[name] = value
-    return out

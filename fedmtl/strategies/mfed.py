@@ -1,6 +1,6 @@
-"""M-Fed server: FedAvg inside task groups, encoder average across them, scheduled λ (spec/mfed.md).
+"""M-Fed server: FedAvg inside task groups, encoder average across them, scheduled λ.
 
-Per round ``r``, each selected client receives (see ``fedmtl.clients.mfed`` for the wire format)
+Per round ``r``, each selected client receives (wire format: :mod:`fedmtl.protocols.mfed`)
 
 - the task-global model ``θ_t^glob`` of each of its tasks as produced by tier 1 so far (nothing
   in round 1: clients start from equal seeded inits): the decoders and heads of its tasks and an
@@ -26,9 +26,9 @@ their trained model on a held-out slice of their train split; the task's metric 
 its clients that reported it this round, fed to the schedule after aggregation, so a switch
 decided after round ``r`` applies from round ``r + 1``. The test split is never used for it.
 
-Heads are part of the task-global model, but ``describe`` announces only encoder and decoders;
-the server derives the head specs a reply must carry from the experiment file by building the
-client's model on the meta device (shapes only: no memory, no weights).
+Heads are part of the task-global model: a reply must carry the encoder, decoder and head
+parameters each client announced in ``describe``; the task's primary metric and its direction
+for the switch come from ``describe`` too.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from fedmtl.aggregation.fedavg import weighted_average
@@ -50,14 +49,18 @@ from fedmtl.aggregation.two_tier import (
     relative_squared_distance,
     task_example_counts,
 )
-from fedmtl.clients.mfed import GLOBAL_ENCODER_PREFIX, lambda_key
-from fedmtl.clients.session import build_tasks, shared_parameters
 from fedmtl.config import Experiment
-from fedmtl.messages import NUM_EXAMPLES, TensorSpec
-from fedmtl.models import build_model
-from fedmtl.strategies.base import ClientInfo, Reply, Strategy, register_strategy
-from fedmtl.strategies.loop import FederatedLoop, checkpoint_tensors, split_checkpoint
-from fedmtl.tasks import Task
+from fedmtl.messages import NUM_EXAMPLES
+from fedmtl.protocols.mfed import GLOBAL_ENCODER_PREFIX, lambda_key, validation_key
+from fedmtl.strategies.base import (
+    ClientInfo,
+    Federation,
+    Reply,
+    Strategy,
+    checkpoint_tensors,
+    register_strategy,
+    split_checkpoint,
+)
 
 
 def task_key(client: ClientInfo, task: str) -> str:
@@ -107,10 +110,6 @@ class MFed(Strategy):
         )
         self.task_models: dict[str, dict[str, Tensor]] = {}  # task key → θ_t^glob
         self.global_encoder: dict[str, Tensor] = {}  # g, keyed encoder.…
-        self._tasks: dict[str, list[Task]] = {
-            c.client_id: build_tasks(experiment, c) for c in experiment.clients
-        }
-        self._head_specs: dict[str, dict[str, TensorSpec]] = {}
 
     # -- what clients receive --------------------------------------------------------------
 
@@ -147,28 +146,12 @@ class MFed(Strategy):
         """The model the client would start the next round from (without ``g``)."""
         return self.start_model(client)
 
-    def expected_reply(self, client: ClientInfo) -> dict[str, TensorSpec]:
-        """Announced encoder and decoder specs plus the head specs derived from the config."""
-        if client.client_id not in self._head_specs:
-            cfg = self.experiment.client(client.client_id)
-            with torch.device("meta"):
-                model = build_model(
-                    cfg.model.backbone,
-                    self._tasks[client.client_id],
-                    backbone_kwargs=cfg.model.kwargs,
-                    decoder_channels=cfg.model.decoder_channels,
-                    decoder_hidden=cfg.model.decoder_hidden,
-                )
-            heads = shared_parameters(model, ("heads",))
-            self._head_specs[client.client_id] = {k: TensorSpec.of(v) for k, v in heads.items()}
-        return {**super().expected_reply(client), **self._head_specs[client.client_id]}
-
     # -- the round ---------------------------------------------------------------------
 
-    def run_round(self, loop: FederatedLoop, round_: int, clients: list[ClientInfo]) -> None:
+    def run_round(self, federation: Federation, round_: int, clients: list[ClientInfo]) -> None:
         """Check the architectures of every known client, then train and aggregate."""
-        check_architectures(loop.clients.values())
-        super().run_round(loop, round_, clients)
+        check_architectures(federation.clients.values())
+        super().run_round(federation, round_, clients)
 
     def aggregate(
         self, round_: int, replies: Mapping[str, Reply], clients: Mapping[str, ClientInfo]
@@ -218,13 +201,14 @@ class MFed(Strategy):
         values: dict[str, list[float]] = {}
         direction: dict[str, bool] = {}
         for client_id, reply in replies.items():
-            for task in self._tasks[client_id]:
-                value = reply.metrics.get(f"val/{task.name}/{task.primary_metric}")
+            info = clients[client_id]
+            for task, (metric, higher_is_better) in info.primary_metrics.items():
+                value = reply.metrics.get(validation_key(task, metric))
                 if value is None:
                     continue
-                key = task_key(clients[client_id], task.name)
+                key = task_key(info, task)
                 values.setdefault(key, []).append(float(value))
-                direction[key] = task.higher_is_better
+                direction[key] = higher_is_better
         return {key: (sum(v) / len(v), direction[key]) for key, v in values.items()}
 
     # -- checkpoints -------------------------------------------------------------------

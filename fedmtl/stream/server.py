@@ -46,6 +46,7 @@ from fedmtl.messages import TensorSpec
 from fedmtl.proto import muscle_stream_pb2 as pb
 from fedmtl.proto import muscle_stream_pb2_grpc as pb_grpc
 from fedmtl.stream.wire import FrameError, decode_tensor, encode_tensors
+from fedmtl.tls import CA_CERT, SERVER_CERT, SERVER_KEY
 
 log = logging.getLogger("fedmtl.stream")
 
@@ -127,8 +128,6 @@ class StreamEndpoint:
         cls, certs_dir: str | Path, *, address: str, port: int = 0, bind: str = "127.0.0.1"
     ) -> StreamEndpoint:
         """A TLS endpoint with the files ``fedmtl deploy certs`` writes into ``certs_dir``."""
-        from fedmtl.deploy.credentials import CA_CERT, SERVER_CERT, SERVER_KEY
-
         certs = Path(certs_dir)
         return cls(
             bind=bind,

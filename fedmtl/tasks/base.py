@@ -9,7 +9,9 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
-TASK_REGISTRY: dict[str, type[Task]] = {}
+from fedmtl.registry import Registry
+
+TASK_REGISTRY: Registry[type[Task]] = Registry("task kind", attribute="kind")
 
 TaskType = TypeVar("TaskType", bound="type[Task]")
 
@@ -34,10 +36,7 @@ def register_task(kind: str) -> Callable[[TaskType], TaskType]:
     """
 
     def decorator(cls: TaskType) -> TaskType:
-        if kind in TASK_REGISTRY:
-            raise ValueError(f"task kind {kind!r} is already registered")
-        cls.kind = kind
-        TASK_REGISTRY[kind] = cls
+        TASK_REGISTRY.add(kind, cls)
         return cls
 
     return decorator
@@ -194,11 +193,7 @@ def create_task(kind: str, name: str, num_outputs: int, **options: Any) -> Task:
     KeyError
         If ``kind`` is not registered; the message lists the known kinds.
     """
-    try:
-        cls = TASK_REGISTRY[kind]
-    except KeyError:
-        raise KeyError(f"unknown task kind {kind!r}; known: {sorted(TASK_REGISTRY)}") from None
-    return cls(name, num_outputs, **options)
+    return TASK_REGISTRY[kind](name, num_outputs, **options)
 
 
 def sign_of(higher_is_better: bool) -> float:
