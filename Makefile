@@ -20,6 +20,7 @@ demo: $(VENV)/.installed
 	$(BIN)/fedmtl simulate configs/quickstart.toml
 
 test: $(VENV)/.installed
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: $(VENV)/.installed
@@ -29,6 +30,7 @@ test-deploy: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow tests/test_deploy_e2e.py
 
 lint: $(VENV)/.installed
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff check fedmtl tests benchmarks
 	$(BIN)/ruff format --check fedmtl tests benchmarks
 
