@@ -77,7 +77,9 @@ class DittoConfig(Strict):
 class MFedConfig(Strict):
     """M-Fed: FedAvg in task groups, then an encoder-only average across groups.
 
-    Clients are pulled toward the global encoder by ``λ_r·‖w_enc − g‖²`` (spec/mfed.md).
+    Clients are pulled toward the global encoder by ``λ_r·‖w_enc − g‖²``, with ``λ_r`` constant
+    or growing as ``min(λ_max, λ_0·growth^(r−1))`` ("Multi-task Federated Learning with
+    Encoder-Decoder Structure", arXiv 2504.09800).
     """
 
     name: Literal["mfed"] = "mfed"
@@ -97,7 +99,10 @@ class MFedConfig(Strict):
 class FedHCA2Config(Strict):
     """FedHCA2: conflict-averse encoders, cross-attention decoders, learned hyper weights.
 
-    See spec/fedhca2.md.
+    Each client gets its own encoder and decoders: its update plus ``α``·(the conflict-averse
+    encoder direction, CAGrad constant ``ca_c``) and ``β``·(the cross-attention decoder update),
+    with ``α``, ``β`` learned by SGD (``hyper_*``) (Lu et al., "FedHCA²: Towards Hetero-Client
+    Federated Multi-Task Learning", CVPR 2024, arXiv 2311.13250).
     """
 
     name: Literal["fedhca2"] = "fedhca2"
@@ -112,10 +117,11 @@ class FedHCA2Config(Strict):
 
 
 class FedMuscleConfig(Strict):
-    """FedMuscle: contrastive alignment on a shared public dataset (spec/fedmuscle.md).
+    """FedMuscle: contrastive alignment on a shared public dataset.
 
     Clients exchange representations of public samples, never weights; each minimises the
-    Muscle loss against M peers.
+    Muscle loss against M peers (Setayesh et al., "Toward Enhancing Representation Learning in
+    Federated Multi-Task Settings", ICLR 2026, arXiv 2602.01626).
     """
 
     name: Literal["fedmuscle"] = "fedmuscle"
