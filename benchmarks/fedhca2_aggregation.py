@@ -6,7 +6,7 @@ Usage::
         --decoders 9 --repeats 3 --device cpu
 
 Clients hold Swin-T-shaped encoders (177 tensors, 27,520,698 parameters at the default size)
-and the spec's decoders (12 tensors, 175,776 parameters, 6 layers); local updates are random
+and FedHCA²-shaped decoders (12 tensors, 175,776 parameters, 6 layers); local updates are random
 (1e-3 per element). Each implementation runs in its own process: a first round without a
 hyper-weight step (warm-up: first-touch allocations), then ``--repeats`` timed rounds, each a
 hyper-weight step plus both aggregations. Per round the clients' encoders arrive as separate

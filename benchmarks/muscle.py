@@ -27,6 +27,15 @@ import torch.nn.functional as F
 from fedmtl.aggregation.muscle_targets import PROTOCOLS, payload_bytes
 from fedmtl.losses.muscle import muscle_loss, peer_pairs
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _portable(path: str | Path) -> str:
+    """``path`` as a result file records it: relative to the repository, never absolute."""
+    full = Path(path).resolve()
+    return full.relative_to(ROOT).as_posix() if full.is_relative_to(ROOT) else full.name
+
+
 TAU, TAU_PREV = 0.2, 0.15
 MIB = 2**20
 
@@ -244,7 +253,7 @@ def main() -> None:
         )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = {k: (_portable(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     config["torch"] = torch.__version__
     config["threads"] = torch.get_num_threads()
     args.out.write_text(json.dumps({"config": config, "timing": timing, "bytes": sizes}, indent=2))

@@ -36,6 +36,14 @@ from fedmtl.models.multitask import load_tensors, shared_parameters
 from fedmtl.results import RunDirectory
 from fedmtl.strategies.base import ClientInfo
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _portable(path: str | Path) -> str:
+    """``path`` as a result file records it: relative to the repository, never absolute."""
+    full = Path(path).resolve()
+    return full.relative_to(ROOT).as_posix() if full.is_relative_to(ROOT) else full.name
+
 
 class RoundTimer:
     """Observer recording the wall-clock end of every round."""
@@ -142,7 +150,7 @@ def main() -> None:
     steady_flower = statistics.median(flower[1:])
     steady_plain = statistics.median(plain[1:])
     result = {
-        "config": args.config,
+        "config": _portable(args.config),
         "rounds": args.rounds,
         "clients": len(experiment.clients),
         "cpus": cpus,

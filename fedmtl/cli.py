@@ -21,6 +21,7 @@ from fedmtl.config import (
     ConfigError,
     Experiment,
     load_experiment,
+    resolve_experiment,
     with_algorithm,
 )
 
@@ -153,7 +154,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             experiment, str(run.path.parent.parent), resume_dir=args.resume, engine=args.engine
         )
     else:
-        experiment = load_experiment(args.config)
+        experiment = load_experiment(resolve_experiment(args.config))
         if args.algorithm:
             experiment = with_algorithm(experiment, args.algorithm)
         if args.rounds is not None:
@@ -176,7 +177,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedmtl.preflight import preflight
     from fedmtl.report import plot_runs, summarize
 
-    experiment = load_experiment(args.config)
+    experiment = load_experiment(resolve_experiment(args.config))
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     unknown = [a for a in algorithms if a not in ALGORITHM_NAMES]
     if unknown:
@@ -237,7 +238,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """Validate an experiment file and what it needs on this machine (models, data, devices)."""
     from fedmtl.preflight import preflight
 
-    experiment = load_experiment(args.config)
+    experiment = load_experiment(resolve_experiment(args.config))
     variants = [with_algorithm(experiment, name) for name in experiment.hyperparameters]
     preflight(experiment, variants=variants)
     console.print(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import tomllib
 from collections.abc import Iterator
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -74,7 +78,9 @@ class DittoConfig(Strict):
 class MFedConfig(Strict):
     """M-Fed: FedAvg in task groups, then an encoder-only average across groups.
 
-    Clients are pulled toward the global encoder by ``λ_r·‖w_enc − g‖²`` (spec/mfed.md).
+    Clients are pulled toward the global encoder by ``λ_r·‖w_enc − g‖²``, with ``λ_r`` constant
+    or growing as ``min(λ_max, λ_0·growth^(r−1))`` ("Multi-task Federated Learning with
+    Encoder-Decoder Structure", arXiv 2504.09800).
     """
 
     name: Literal["mfed"] = "mfed"
@@ -94,7 +100,10 @@ class MFedConfig(Strict):
 class FedHCA2Config(Strict):
     """FedHCA2: conflict-averse encoders, cross-attention decoders, learned hyper weights.
 
-    See spec/fedhca2.md.
+    Each client gets its own encoder and decoders: its update plus ``α``·(the conflict-averse
+    encoder direction, CAGrad constant ``ca_c``) and ``β``·(the cross-attention decoder update),
+    with ``α``, ``β`` learned by SGD (``hyper_*``) (Lu et al., "FedHCA²: Towards Hetero-Client
+    Federated Multi-Task Learning", CVPR 2024, arXiv 2311.13250).
     """
 
     name: Literal["fedhca2"] = "fedhca2"
@@ -109,10 +118,11 @@ class FedHCA2Config(Strict):
 
 
 class FedMuscleConfig(Strict):
-    """FedMuscle: contrastive alignment on a shared public dataset (spec/fedmuscle.md).
+    """FedMuscle: contrastive alignment on a shared public dataset.
 
     Clients exchange representations of public samples, never weights; each minimises the
-    Muscle loss against M peers.
+    Muscle loss against M peers (Setayesh et al., "Toward Enhancing Representation Learning in
+    Federated Multi-Task Settings", ICLR 2026, arXiv 2602.01626).
     """
 
     name: Literal["fedmuscle"] = "fedmuscle"
@@ -506,6 +516,88 @@ def check_paths(experiment: Experiment) -> None:
             raise ConfigError(
                 f"clients[{i}].model.pretrained: weights path does not exist: {pretrained}"
             )
+
+
+# --------------------------------------------------------------------------- bundled files
+
+# Bundled files a zipped installation had to extract to disk; removed when the process exits.
+_extracted = contextlib.ExitStack()
+atexit.register(_extracted.close)
+
+
+def _bundled_root() -> Traversable | None:
+    """The folder of bundled experiment files, or None when this installation has none.
+
+    A wheel carries the repository's top-level ``configs/`` as ``fedmtl/configs``
+    (``[tool.setuptools.package-dir]`` in pyproject.toml). A source checkout, on ``PYTHONPATH``
+    or installed in editable mode, has no ``fedmtl/configs``: its bundled files are the
+    checkout's own ``configs/``, so an edit there is what ``fedmtl simulate quickstart`` runs.
+    """
+    packaged = resources.files("fedmtl") / "configs"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parent.parent
+    # pyproject.toml marks a checkout: a bare configs/ beside an installed package (in
+    # site-packages) would belong to some other distribution.
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
+        return checkout / "configs"
+    return None
+
+
+def bundled_configs() -> list[str]:
+    """Names of the experiment files shipped with fedmtl, sorted (``quickstart``, ``mfed``, ...).
+
+    Each name is accepted wherever an experiment file is (see :func:`resolve_experiment`).
+    """
+    root = _bundled_root()
+    if root is None:
+        return []
+    return sorted(
+        entry.name.removesuffix(".toml")
+        for entry in root.iterdir()
+        if entry.name.endswith(".toml") and entry.is_file()
+    )
+
+
+def resolve_experiment(value: str | Path) -> Path:
+    """The experiment file an argument names: an existing file, else a bundled config.
+
+    Parameters
+    ----------
+    value : str or Path
+        A path to a TOML file, or the name of a bundled config with or without ``.toml``
+        (``quickstart``, ``mfed.toml``; see :func:`bundled_configs`).
+
+    Returns
+    -------
+    Path
+        ``value`` itself when it is an existing file (so a local ``quickstart.toml`` shadows
+        the bundled one), else the bundled file of that name.
+
+    Raises
+    ------
+    ConfigError
+        If ``value`` is neither an existing file nor a bundled name; the message lists the
+        bundled names.
+    """
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    text = str(value)
+    root = _bundled_root()
+    # Only a bare name is looked up: configs/quickstart.toml is a path, and a missing path is
+    # an error rather than silently another file.
+    if root is not None and text and Path(text).name == text:
+        entry = root / (text if text.endswith(".toml") else f"{text}.toml")
+        if entry.is_file():
+            if isinstance(entry, Path):
+                return entry
+            return _extracted.enter_context(resources.as_file(entry))
+    names = bundled_configs()
+    hint = f"; bundled: {', '.join(names)}" if names else "; this installation bundles none"
+    if path.stem in names and path.name != text:
+        hint += f" (for the bundled copy, pass its name: {path.stem})"
+    raise ConfigError(f"experiment file not found: {text} (not a file nor a bundled name{hint})")
 
 
 def load_experiment(

@@ -12,7 +12,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmtl.config import Experiment, load_experiment
+from fedmtl.config import Experiment, load_experiment, resolve_experiment
 from fedmtl.preflight import check_models
 from fedmtl.report import plot_runs, summarize
 from fedmtl.results import RunDirectory, client_failures
@@ -55,15 +55,26 @@ def run_experiment(
 
 
 def resolve_experiment_path(value: str) -> Path:
-    """Find the experiment file: as given, else relative to the app directory (FAB on sys.path)."""
+    """Find the experiment file: as given, else in the app directory, else a bundled name.
+
+    The app directory is the FAB's, on ``sys.path`` under ``flwr run``, so the default
+    ``configs/quickstart.toml`` is the file the FAB carries; a bare name such as ``quickstart``
+    is the installed package's copy (:func:`fedmtl.config.resolve_experiment`).
+
+    Raises
+    ------
+    ConfigError
+        If none of them exists; the message lists the bundled names.
+    """
     path = Path(value).expanduser()
-    if path.is_absolute() or path.exists():
+    if path.is_file():
         return path
-    for entry in sys.path:
-        candidate = Path(entry or ".") / path
-        if candidate.exists():
-            return candidate
-    return path
+    if not path.is_absolute():
+        for entry in sys.path:
+            candidate = Path(entry or ".") / path
+            if candidate.is_file():
+                return candidate
+    return resolve_experiment(value)
 
 
 def make_server_app(

@@ -6,7 +6,9 @@ record that would not survive the wire fails here too. It can drop nodes and tam
 replies, to test what the server does with a dead node or a client that sends garbage.
 
 It relies on ``flwr.supercore.task_identity.TaskIdentity`` (internal, as in Flower's own
-``run_simulation``); ``tests/test_fake_grid.py`` fails loudly if that API moves.
+``run_simulation``); ``test_fake_grid_relies_on_flower_task_identity`` in
+``tests/test_foundation_units.py`` fails loudly if that API moves; ``tests/test_contract.py``
+runs every registered strategy on a FakeGrid.
 """
 
 from __future__ import annotations

@@ -422,7 +422,7 @@ def test_paper_configs_validate_once_roots_exist(
     assert multi[0].dataset != single_task
     assert len(single) == {"pascal": 5, "nyud": 4}[single_task]
     epochs = {c.dataset: c.training.local_epochs for c in experiment.clients}
-    assert epochs == {"pascal": 1, "nyud": 4}  # spec §11
+    assert epochs == {"pascal": 1, "nyud": 4}  # the official FedHCA² configs
     # one Swin-T encoder for both datasets; timm accepts the kwargs (meta device: no memory)
     models = {(c.model.backbone, str(c.model.kwargs)) for c in experiment.clients}
     assert len(models) == 1 and next(iter(models))[0] == "swin_tiny_patch4_window7_224"

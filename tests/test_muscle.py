@@ -141,7 +141,7 @@ def test_large_norm_float32_stays_finite_and_exact(num_peers: int) -> None:
 def paper_targets_loss(
     z_anchor: Tensor, peers: list[Tensor], tau: float, tau_prev: float
 ) -> Tensor:
-    """Spec §5 literally: S^n (B^M × d), α^n (B^M), logits = Z Sᵀ + log α, positive at pos(i)."""
+    """Targets form, literally: S^n (B^M × d), α^n (B^M), logits = Z Sᵀ + log α, positive pos(i)."""
     gamma = 1.0 / tau_prev - 1.0 / tau
     batch, num_peers = z_anchor.shape[0], len(peers)
     tuples = list(itertools.product(range(batch), repeat=num_peers))

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fedmtl.config import ConfigError, Experiment, load_experiment
+from fedmtl.config import ConfigError, Experiment, load_experiment, resolve_experiment
 from fedmtl.deploy.commands import (
     INSECURE_WARNING,
     DeploySettings,
@@ -23,7 +23,7 @@ EXIT_BAD_INPUT = 2
 
 def _experiment(path: str) -> Experiment:
     # Only client ids and names are needed here; datasets live on the client machines.
-    return load_experiment(path, check_data=False)
+    return load_experiment(resolve_experiment(path), check_data=False)
 
 
 def needs_data_dir(experiment: Experiment) -> bool:
