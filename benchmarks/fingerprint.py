@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/fingerprint.py --out before.json          # on the old commit
     python benchmarks/fingerprint.py --against before.json      # on the new one
+    python benchmarks/fingerprint.py --diff before.json after.json   # two saved fingerprints
 
 Writes ``benchmarks/results/fingerprint.json`` by default; exits 1 when ``--against`` finds a
 difference, and prints each differing value.
@@ -103,7 +104,11 @@ def main() -> int:
     parser.add_argument("--federations", default=",".join(FEDERATIONS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fingerprint.json"))
     parser.add_argument("--against", help="an earlier fingerprint to compare with, value by value")
+    parser.add_argument("--diff", nargs=2, metavar=("OLD", "NEW"), help="compare two saved files")
     args = parser.parse_args()
+    if args.diff:
+        old, new = (json.loads(Path(f).read_text(encoding="utf-8"))["runs"] for f in args.diff)
+        return report(old, new)
 
     jobs = [
         (name, FEDERATIONS[name][0], algorithm, args.seed, args.rounds)
@@ -129,14 +134,19 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     if args.against:
-        old = json.loads(Path(args.against).read_text(encoding="utf-8"))["runs"]
-        diff = differences(old, runs)
-        compared = sum(len(row) for rows in runs.values() for row in rows)
-        if diff:
-            print(f"{len(diff)} values differ:")
-            print("\n".join(diff[:200]))
-            return 1
-        print(f"identical: {len(runs)} runs, {compared} values, every one bit-equal")
+        return report(json.loads(Path(args.against).read_text(encoding="utf-8"))["runs"], runs)
+    return 0
+
+
+def report(old: dict[str, Any], new: dict[str, Any]) -> int:
+    """Print the comparison of two fingerprints' runs; 1 when a value differs."""
+    diff = differences(old, new)
+    compared = sum(len(row) for rows in new.values() for row in rows)
+    if diff:
+        print(f"{len(diff)} values differ:")
+        print("\n".join(diff[:200]))
+        return 1
+    print(f"identical: {len(new)} runs, {compared} values, every one bit-equal")
     return 0
 
 
