@@ -215,7 +215,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run several algorithms on the same clients, once per seed; print the Δ% ± CI table."""
     import json
 
-    from fedmtl.compare import comparison_stats, parse_seeds, run_comparison, stats_table
+    from fedmtl.compare import comparison_stats, parse_seeds, run_comparison, stats_tables
     from fedmtl.preflight import preflight
     from fedmtl.report import plot_runs, summarize
 
@@ -261,7 +261,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         },
     }
     (compare_dir / "summary.json").write_text(json.dumps(record, indent=2, allow_nan=True))
-    console.print(stats_table(stats, experiment.average_last_rounds))
+    console.print(stats_tables(stats, experiment.average_last_rounds))
     console.print(
         f"plot: [bold]{plot}[/bold]\ncomparison: [bold]{compare_dir / 'summary.json'}[/bold]"
     )

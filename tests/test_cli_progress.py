@@ -68,3 +68,39 @@ def test_progress_logs_one_line_per_phase_and_a_table_in_80_columns(tmp_path: Pa
     for client in ("a-digit", "b-digit", "c-seg-depth"):
         assert client in text  # never cut
     assert "\x1b[" not in text  # plain text for `flwr log`
+
+
+def test_final_table_moves_models_to_a_legend_at_80_columns() -> None:
+    clients = {
+        "depth-edge-vit-small": ("vit_small_patch16_224", ["depth", "edge"]),
+        "surface-normals-swin": ("swin_tiny_patch4_window7_224", ["normals"]),
+    }
+    summary = {
+        "experiment": "quickstart",
+        "algorithm": "fedavg",
+        "average_last_rounds": 3,
+        "mean_delta_vs_local_pct": 1.5,
+        "clients": {
+            c: {
+                "model": model,
+                "tasks": {
+                    t: {
+                        "kind": t,
+                        "metric": "mean_angular_error",
+                        "higher_is_better": False,
+                        "value": 12.3456,
+                        "delta_vs_local_pct": -3.25,
+                    }
+                    for t in tasks
+                },
+            }
+            for c, (model, tasks) in clients.items()
+        },
+    }
+    narrow = render_text(summary_table(summary), width=80)
+    assert max(len(line) for line in narrow.splitlines()) <= 80 and "…" not in narrow
+    assert narrow.count("depth-edge-vit-small") == 3  # two rows and the legend, whole
+    assert "models: vit_small_patch16_224 (depth-edge-vit-small)" in narrow
+    assert "swin_tiny_patch4_window7_224" in narrow.replace("\n", "")
+    wide = render_text(summary_table(summary), width=140)
+    assert "models:" not in wide and wide.count("vit_small_patch16_224") == 2  # a column
