@@ -244,8 +244,20 @@ def plot_runs(runs: RunsBySeed, path: Path) -> Path:
     ``runs`` maps a label to a run folder, or to ``seed → run folder``: with several seeds the
     line is their mean and the band spans them. The algorithm's own signals (FedMuscle's
     alignment loss against its chance level, M-Fed's encoder distances, FedHCA2's α) get
-    panels of their own.
+    panels of their own. Each label has its own colour, line style and marker, so lines that
+    coincide (FedPer and FedAvg without shared decoders) stay distinguishable; rounds are
+    integer ticks.
     """
+    import matplotlib.pyplot as plt
+
+    fig = runs_figure(runs)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def runs_figure(runs: RunsBySeed) -> Any:
+    """The matplotlib figure :func:`plot_runs` saves (one panel per client task and signal)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,9 +309,7 @@ def plot_runs(runs: RunsBySeed, path: Path) -> Path:
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6))
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def report(run_dir: str | Path, console: Console | None = None) -> dict[str, Any]:

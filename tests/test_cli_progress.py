@@ -104,3 +104,20 @@ def test_final_table_moves_models_to_a_legend_at_80_columns() -> None:
     assert "swin_tiny_patch4_window7_224" in narrow.replace("\n", "")
     wide = render_text(summary_table(summary), width=140)
     assert "models:" not in wide and wide.count("vit_small_patch16_224") == 2  # a column
+
+
+def test_no_positive_sample_warnings_are_silenced() -> None:
+    import warnings
+
+    import torch
+
+    from fedmtl.tasks import create_task
+
+    task = create_task("multilabel", "attributes", 3)
+    metrics = task.new_metrics()
+    target = torch.tensor([[1, 0, 0], [0, 1, 0]])  # label 2 never positive in the pass
+    metrics.update(torch.randn(2, 3), target)
+    with warnings.catch_warnings(record=True) as caught:
+        values = metrics.compute()
+    assert 0.0 <= values["mAP"] <= 1.0
+    assert not [w for w in caught if "No positive samples" in str(w.message)]
