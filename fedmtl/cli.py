@@ -158,7 +158,8 @@ def _print_tracking(run_dirs: Sequence[Any]) -> None:
             if short not in seen:
                 seen.append(short)
     for line in seen:
-        console.print(f"tracking: {escape(line)}")
+        # soft_wrap: a command with a long path stays one line, to copy and paste
+        console.print(f"tracking: {escape(line)}", soft_wrap=True)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -265,3 +265,83 @@ def test_tracking_state_names_every_tracker(tracked_run: RunDirectory) -> None:
     enabled = tracked_run.experiment().tracking.enabled()
     assert set(enabled) <= set(state)
     assert [line.split(":")[0] for line in state["where"]["lines"]] == enabled
+
+
+# --------------------------------------------------------------------------- resume, compare
+
+
+def test_resumed_run_continues_the_same_tracker_runs(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard", reason="TensorBoard extra not installed")
+    pytest.importorskip("mlflow", reason="MLflow extra not installed")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedmtl.simulation import run_in_process
+    from tests.helpers import StopAfter
+
+    experiment = tiny_experiment("fedavg", rounds=2, tracking={"tensorboard": True, "mlflow": True})
+    run_dir = RunDirectory.create(tmp_path, experiment)
+    with pytest.raises(StopAfter.Stopped):
+        run_in_process(experiment, run_dir, observer=StopAfter(1))  # killed after round 1
+    run_id = json.loads((run_dir.path / "tracking.json").read_text())["mlflow"]["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_run(run_id).info.status == "FAILED"
+
+    run_in_process(experiment, run_dir, resume=True)
+    assert json.loads((run_dir.path / "tracking.json").read_text())["mlflow"]["run_id"] == run_id
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    history = client.get_metric_history(run_id, "a-digit/train/loss")
+    assert sorted(m.step for m in history) == [1, 2]
+    events = EventAccumulator(str(run_dir.path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("a-digit/train/loss")] == [1, 2]
+
+
+def test_compare_logs_one_mlflow_run_per_algorithm_and_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("mlflow", reason="MLflow extra not installed")
+    from mlflow.tracking import MlflowClient
+
+    code = main(
+        [
+            "compare", str(ROOT / "tests" / "data" / "tiny.toml"), "--algorithms",
+            "local,fedavg", "--rounds", "1", "--engine", "inprocess", "--track", "mlflow",
+            "--output", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("tiny-e2e")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["fedavg-seed1", "local-seed1"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.params["algorithm.name"] for r in runs} == {"local", "fedavg"}
+    out = capsys.readouterr().out
+    assert out.count("tracking: mlflow: mlflow ui --backend-store-uri sqlite:///") == 1
+
+
+def test_wandb_mode_is_offline_without_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedmtl.config import WandbConfig
+    from fedmtl.tracking.wandb_tracker import resolve_mode
+
+    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert resolve_mode(WandbConfig()) == "offline"  # no netrc file at all
+    netrc.write_text("machine example.org login user password secret\n")
+    assert resolve_mode(WandbConfig()) == "offline"  # credentials, but not W&B's
+    netrc.write_text("machine api.wandb.ai login user password not-a-real-key\n")
+    netrc.chmod(0o600)
+    assert resolve_mode(WandbConfig()) == "online"  # what `wandb login` writes
+    assert resolve_mode(WandbConfig(mode="offline")) == "offline"  # the file decides
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode(WandbConfig()) == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_mode(WandbConfig()) == "offline"  # the user's environment wins over auto
