@@ -307,20 +307,24 @@ def test_compare_logs_one_mlflow_run_per_algorithm_and_seed(
     code = main(
         [
             "compare", str(ROOT / "tests" / "data" / "tiny.toml"), "--algorithms",
-            "local,fedavg", "--rounds", "1", "--engine", "inprocess", "--track", "mlflow",
-            "--output", str(tmp_path),
+            "local,fedavg", "--rounds", "1", "--engine", "inprocess",
+            "--mlflow-uri", f"sqlite:///{tmp_path}/store/tracking.db", "--output", str(tmp_path),
         ]
     )  # fmt: skip
     assert code == 0
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/store/tracking.db")
     experiment = client.get_experiment_by_name("tiny-e2e")
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["fedavg-seed1", "local-seed1"]
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.params["algorithm.name"] for r in runs} == {"local", "fedavg"}
+    for run in runs:  # artifacts beside the given SQLite file, not in the working directory
+        artifacts = tmp_path / "store" / "mlartifacts" / run.info.run_id / "artifacts"
+        assert (artifacts / "summary.json").is_file()
     out = capsys.readouterr().out
     assert out.count("tracking: mlflow: mlflow ui --backend-store-uri sqlite:///") == 1
+    assert not (tmp_path / "mlflow.db").exists()  # the given store, not the default
 
 
 def test_wandb_mode_is_offline_without_credentials(

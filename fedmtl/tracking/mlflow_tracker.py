@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from fedmtl.config import Experiment, MLflowConfig
@@ -78,13 +79,14 @@ class MLflowTracker:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             experiment_id = found.experiment_id
-        elif self.config.uri is None:
-            # Beside the store, not in the current directory (MLflow's default ./mlruns).
-            artifacts = (self.run_dir.path.parent.parent / ARTIFACTS_DIR).resolve()
+        elif self.uri.startswith("sqlite:///"):
+            # Beside the SQLite file, not in the current directory (MLflow's default).
+            database = Path(self.uri.removeprefix("sqlite:///")).expanduser()
+            artifacts = (database.parent / ARTIFACTS_DIR).resolve()
             experiment_id = self.client.create_experiment(
                 name, artifact_location=artifacts.as_uri()
             )
-        else:
+        else:  # a tracking server (or another database) decides where artifacts go
             experiment_id = self.client.create_experiment(name)
         previous = read_state(self.run_dir).get(self.name, {})
         if first_round > 1 and previous.get("run_id"):
@@ -143,9 +145,9 @@ class MLflowTracker:
 
     def where(self) -> str:
         """The command that shows this store."""
-        if self.config.uri is not None:
-            return f"run {self.run_id} at {self.uri}"
-        return f"mlflow ui --backend-store-uri {self.uri}  (run {self.run_id})"
+        if self.uri.startswith("sqlite:///"):
+            return f"mlflow ui --backend-store-uri {self.uri}  (run {self.run_id})"
+        return f"{self.uri}  (run {self.run_id})"
 
 
 def _param_value(value: Any) -> str:
