@@ -1,4 +1,4 @@
-"""The ``fedmtl`` command: simulate, compare, validate, report."""
+"""The ``fedmtl`` command: simulate, compare, validate, report, list."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ from rich.table import Table
 
 from fedmtl.config import (
     ALGORITHM_NAMES,
+    TRACKER_NAMES,
     ConfigError,
     Experiment,
     load_experiment,
     resolve_experiment,
     with_algorithm,
+    with_tracking,
 )
 
 console = Console()
@@ -139,6 +141,46 @@ def _run_one(
     return run_dir
 
 
+def _tracking(experiment: Experiment, args: argparse.Namespace) -> Experiment:
+    """The experiment with the trackers of ``--track``, ``--mlflow-uri``, ``--wandb-mode``."""
+    names = [n.strip() for value in args.track or [] for n in value.split(",") if n.strip()]
+    return with_tracking(experiment, names, mlflow_uri=args.mlflow_uri, wandb_mode=args.wandb_mode)
+
+
+def _print_tracking(run_dirs: Sequence[Any]) -> None:
+    """Where the trackers wrote (each distinct line once: a comparison shares one store)."""
+    from fedmtl.tracking import read_state
+
+    seen: list[str] = []
+    for run_dir in run_dirs:
+        for line in read_state(run_dir).get("where", {}).get("lines", []):
+            # the run id differs between the runs of a comparison; the command does not
+            short = line.split("  (")[0] if len(run_dirs) > 1 else line
+            if short not in seen:
+                seen.append(short)
+    for line in seen:
+        # soft_wrap: a command with a long path stays one line, to copy and paste
+        console.print(f"tracking: {escape(line)}", soft_wrap=True)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the algorithms, task kinds, backbones, dataset kinds and bundled configs."""
+    from fedmtl.listing import SECTIONS, catalog
+
+    unknown = [name for name in args.sections if name not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"list: unknown section {unknown}; known: {list(SECTIONS)}")
+    entries = catalog()
+    for section in args.sections or SECTIONS:
+        table = Table(title=section, title_justify="left", show_header=False, box=None)
+        table.add_column("name", style="bold", no_wrap=True)
+        table.add_column("description")
+        for name, description in entries[section]:
+            table.add_row(name, escape(description))
+        console.print(table)
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run one experiment in Flower's simulation engine."""
     from fedmtl.preflight import preflight
@@ -159,11 +201,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             experiment = with_algorithm(experiment, args.algorithm)
         if args.rounds is not None:
             experiment = experiment.model_copy(update={"rounds": args.rounds})
+        experiment = _tracking(experiment, args)
         preflight(experiment)  # before the run folder exists: a bad file leaves nothing behind
         run_dir = _run_one(experiment, args.output or experiment.output_dir, engine=args.engine)
     summary = summarize(run_dir)
     console.print(summary_table(summary))
     _print_reference(summary)
+    _print_tracking([run_dir])
     code = report_failures(experiment, run_dir)
     console.print(f"run folder: [bold]{run_dir.path}[/bold]  ({time.perf_counter() - start:.1f} s)")
     return code
@@ -173,7 +217,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run several algorithms on the same clients, once per seed; print the Δ% ± CI table."""
     import json
 
-    from fedmtl.compare import comparison_stats, parse_seeds, run_comparison, stats_table
+    from fedmtl.compare import comparison_stats, parse_seeds, run_comparison, stats_tables
     from fedmtl.preflight import preflight
     from fedmtl.report import plot_runs, summarize
 
@@ -188,7 +232,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         updates["rounds"] = args.rounds
     if args.last_k is not None:
         updates["average_last_rounds"] = args.last_k
-    experiment = experiment.model_copy(update=updates)
+    experiment = _tracking(experiment.model_copy(update=updates), args)
     # Every algorithm's experiment is checked before the first one runs.
     preflight(experiment, variants=[with_algorithm(experiment, name) for name in algorithms])
     output = args.output or experiment.output_dir
@@ -219,10 +263,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         },
     }
     (compare_dir / "summary.json").write_text(json.dumps(record, indent=2, allow_nan=True))
-    console.print(stats_table(stats, experiment.average_last_rounds))
+    console.print(stats_tables(stats, experiment.average_last_rounds))
     console.print(
         f"plot: [bold]{plot}[/bold]\ncomparison: [bold]{compare_dir / 'summary.json'}[/bold]"
     )
+    _print_tracking([run for by_seed in runs.values() for run in by_seed.values()])
     # Never exit 0 when a client of one of the runs never completed a round.
     return max(
         (
@@ -273,10 +318,43 @@ def _add_engine(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_tracking(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--track",
+        action="append",
+        metavar="NAME[,NAME]",
+        help=f"turn on trackers besides the file's [tracking]: {', '.join(TRACKER_NAMES)} "
+        "(each needs its extra, e.g. pip install 'fedmtl[tensorboard]')",
+    )
+    parser.add_argument(
+        "--mlflow-uri",
+        metavar="URI",
+        help="MLflow tracking URI (turns MLflow on; default sqlite:///<output>/mlflow.db)",
+    )
+    parser.add_argument(
+        "--wandb-mode",
+        choices=("auto", "offline", "online"),
+        help="W&B mode (turns W&B on); auto: online only when logged in",
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from fedmtl import __version__
+
+    try:
+        flwr = version("flwr")
+    except PackageNotFoundError:  # pragma: no cover - flwr is a dependency
+        flwr = "not installed"
+    return f"fedmtl {__version__} (Flower {flwr}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="fedmtl", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run an experiment in Flower's simulation engine")
@@ -286,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rounds", type=_positive_int, help="override rounds (>= 1)")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
     _add_engine(sim)
+    _add_tracking(sim)
     sim.set_defaults(func=cmd_simulate)
 
     cmp = sub.add_parser("compare", help="run several algorithms; Δ%% table and plot")
@@ -305,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the file's average_last_rounds, 3)",
     )
     _add_engine(cmp)
+    _add_tracking(cmp)
     cmp.set_defaults(func=cmd_compare)
 
     val = sub.add_parser("validate", help="check an experiment file (exit 2 if invalid)")
@@ -314,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-draw a finished run's table and plots")
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
+
+    lst = sub.add_parser(
+        "list", help="the algorithms, task kinds, backbones, dataset kinds and bundled configs"
+    )
+    lst.add_argument(
+        "sections",
+        nargs="*",
+        metavar="SECTION",
+        help="algorithms, tasks, backbones, datasets or configs (default: all)",
+    )
+    lst.set_defaults(func=cmd_list)
 
     from fedmtl.deploy.cli import add_deploy_parser
 
@@ -331,6 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "simulate" and not (args.config or args.resume):
         parser.error("simulate needs CONFIG or --resume RUN_DIR")
+    if (
+        args.command == "simulate"
+        and args.resume
+        and (args.track or args.mlflow_uri or args.wandb_mode)
+    ):
+        parser.error("--track/--mlflow-uri/--wandb-mode: a resumed run keeps its own tracking")
     from fedmtl.strategies.loop import FederationFailed, RunInterrupted
 
     try:

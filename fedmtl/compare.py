@@ -12,9 +12,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderableType
 from rich.table import Table
 
 from fedmtl.config import ConfigError, Experiment, with_algorithm
+from fedmtl.report import name_column
+from fedmtl.tables import COMPACT, FittedTables
 
 CONFIDENCE = 0.95
 
@@ -140,20 +144,32 @@ def format_entry(entry: Mapping[str, Any], digits: int = 2, signed: bool = True)
     return text + ("*" if signed and entry.get("significant") else "")
 
 
-def stats_table(stats: Mapping[str, Any], last_k: int, title: str = "") -> Table:
-    """Rows: client tasks and the mean; columns: local's value, each algorithm's Δ% ± CI."""
-    algorithms = list(stats["algorithms"])
+def stats_table(
+    stats: Mapping[str, Any],
+    last_k: int,
+    title: str = "",
+    algorithms: Sequence[str] | None = None,
+    caption: bool = True,
+    reference_column: bool = True,
+) -> Table:
+    """Rows: client tasks and the mean; columns: local's value, each algorithm's Δ% ± CI.
+
+    ``algorithms`` limits the Δ% columns to those (default: every algorithm but local) and
+    ``reference_column`` shows local's value; :func:`stats_tables` uses them to split a wide
+    comparison over several tables.
+    """
+    names = list(stats["algorithms"])
     seeds = stats["seeds"]
-    table = Table(title=title or "Δ% vs local (+ is better), mean ± 95 % CI over seeds")
-    table.add_column("client")
-    table.add_column("task (metric)")
-    reference = "local" if "local" in algorithms else None
+    table = Table(title=title or "Δ% vs local (+ is better), mean ± 95 % CI over seeds", **COMPACT)
+    first = stats["algorithms"][names[0]]["clients"]
+    name_column(table, "client", [*first, "mean Δ%"])
+    name_column(table, "task (metric)", [t for tasks in first.values() for t in tasks])
+    others = [a for a in names if a != "local"] if algorithms is None else list(algorithms)
+    reference = "local" if "local" in names and reference_column else None
     if reference:
-        table.add_column("local value", justify="right")
-    others = [a for a in algorithms if a != reference]
+        table.add_column("local value", justify="right", no_wrap=True)
     for algorithm in others:
-        table.add_column(algorithm, justify="right")
-    first = stats["algorithms"][algorithms[0]]["clients"]
+        table.add_column(algorithm, justify="right", no_wrap=True)
     for client_id, tasks in first.items():
         for task, meta in tasks.items():
             arrow = "↑" if meta["higher_is_better"] else "↓"
@@ -164,15 +180,71 @@ def stats_table(stats: Mapping[str, Any], last_k: int, title: str = "") -> Table
             for algorithm in others:
                 cell = stats["algorithms"][algorithm]["clients"][client_id][task]["delta"]
                 cells.append(format_entry(cell))
+            # the task name on its own line when the column is narrow: never cut
             table.add_row(client_id, f"{task} ({meta['metric']} {arrow})", *cells)
     means = [format_entry(stats["algorithms"][a]["mean_delta"]) for a in others]
     table.add_row("mean Δ%", "", *([""] if reference else []), *means, style="bold")
-    table.caption = (
-        f"{len(seeds)} seed(s) {seeds}; each run's metric is the mean of its last {last_k} "
-        "evaluated rounds; Δ% paired with the local run of the same seed; "
-        "* = the 95 % t-interval excludes 0"
-    )
+    if caption:
+        table.caption = (
+            f"{len(seeds)} seed(s) {seeds}; each run's metric is the mean of its last {last_k} "
+            "evaluated rounds; Δ% paired with the local run of the same seed; "
+            "* = the 95 % t-interval excludes 0"
+        )
     return table
+
+
+def stats_tables(stats: Mapping[str, Any], last_k: int, title: str = "") -> FittedTables:
+    """:func:`stats_table` split over as many tables as the console width needs.
+
+    Each table repeats the client and task columns (and local's value) and takes as many
+    algorithm columns as fit; the caption goes under the last one.
+    """
+    names = list(stats["algorithms"])
+    others = [a for a in names if a != "local"] if "local" in names else names
+
+    def build(console: Console, options: ConsoleOptions) -> list[RenderableType]:
+        # local's value only in the first table: the later ones have room for more columns
+        groups: list[list[str]] = []
+        for algorithm in others:
+            if groups:
+                first = len(groups) == 1
+                wider = stats_table(stats, last_k, title, [*groups[-1], algorithm], False, first)
+                if _minimum_width(wider) <= options.max_width:
+                    groups[-1].append(algorithm)
+                    continue
+            groups.append([algorithm])
+        groups = groups or [[]]
+        return [
+            stats_table(
+                stats,
+                last_k,
+                title if i == 0 else f"{title or 'Δ% vs local'} (continued)",
+                group,
+                caption=i == len(groups) - 1,
+                reference_column=i == 0,
+            )
+            for i, group in enumerate(groups)
+        ]
+
+    return FittedTables(build)
+
+
+def _minimum_width(table: Table) -> int:
+    """Columns ``table`` needs: one-line columns at their widest cell, the others at ``min_width``.
+
+    (Rich's own measurement counts a one-line cell at its longest word; this table is printed
+    with no cell cut, so that would under-count.)
+    """
+    widths = []
+    for column in table.columns:
+        if column.no_wrap:
+            texts = [str(column.header), *(str(cell) for cell in column.cells)]
+            widths.append(max(cell_len(text) for text in texts))
+        else:
+            widths.append(column.min_width or 1)
+    # box.SIMPLE_HEAD with padding 1: a space each side of every cell, a separator between
+    # columns and one at each edge
+    return sum(widths) + 3 * len(widths) + 1
 
 
 Runner = Callable[[Experiment], Any]

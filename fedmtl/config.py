@@ -243,6 +243,62 @@ class SimulationConfig(Strict):
     num_gpus_per_client: float = Field(0.0, ge=0)
 
 
+# --------------------------------------------------------------------------- tracking
+
+
+class TensorBoardConfig(Strict):
+    """TensorBoard event files under ``<run folder>/tensorboard`` (``fedmtl[tensorboard]``)."""
+
+
+class MLflowConfig(Strict):
+    """One MLflow run per fedmtl run (extra ``fedmtl[mlflow]``)."""
+
+    # None: a SQLite store beside the runs, sqlite:///<output_dir>/mlflow.db
+    uri: str | None = Field(None, min_length=1)
+    experiment: str | None = Field(None, min_length=1)  # None: the experiment's name
+
+
+class WandbConfig(Strict):
+    """One Weights & Biases run per fedmtl run (extra ``fedmtl[wandb]``)."""
+
+    project: str = Field("fedmtl", min_length=1)
+    entity: str | None = Field(None, min_length=1)
+    group: str | None = Field(None, min_length=1)  # None: the experiment's name
+    # auto: online when logged in (WANDB_API_KEY, or `wandb login`'s netrc entry), else offline
+    mode: Literal["auto", "offline", "online"] = "auto"
+
+
+TRACKER_NAMES = ("tensorboard", "mlflow", "wandb")
+
+
+class TrackingConfig(Strict):
+    """``[tracking]``: experiment trackers fed from the same rows as metrics.jsonl.
+
+    Each tracker is ``true``/``false`` or a table of its options (a table turns it on):
+    ``tensorboard = true``, ``[tracking.mlflow] uri = "http://host:5000"``.
+    """
+
+    tensorboard: TensorBoardConfig | None = None
+    mlflow: MLflowConfig | None = None
+    wandb: WandbConfig | None = None
+
+    @field_validator("tensorboard", "mlflow", "wandb", mode="before")
+    @classmethod
+    def _switch_or_table(cls, value: Any) -> Any:
+        # `true` turns a tracker on with its defaults; a table sets options (and turns it on).
+        if value is True:
+            return {}
+        if value is False or value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError(f"must be true, false or a table of options, got {value!r}")
+        return value
+
+    def enabled(self) -> list[str]:
+        """Names of the trackers turned on, in :data:`TRACKER_NAMES` order."""
+        return [name for name in TRACKER_NAMES if getattr(self, name) is not None]
+
+
 class Experiment(Strict):
     """The whole experiment file."""
 
@@ -261,6 +317,7 @@ class Experiment(Strict):
     hyperparameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     public: PublicDatasetConfig | None = None
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     datasets: dict[str, DatasetConfig]
     clients: list[ClientConfig] = Field(min_length=1)
 
@@ -645,3 +702,50 @@ def experiment_to_json(experiment: Experiment) -> str:
 def experiment_from_json(text: str) -> Experiment:
     """Inverse of :func:`experiment_to_json` (no data checks: clients check their own data)."""
     return Experiment.model_validate_json(text)
+
+
+def with_tracking(
+    experiment: Experiment,
+    trackers: list[str] | tuple[str, ...] = (),
+    *,
+    mlflow_uri: str | None = None,
+    wandb_mode: str | None = None,
+) -> Experiment:
+    """The experiment with the trackers the CLI flags turn on, on top of its ``[tracking]``.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        The parsed experiment.
+    trackers : sequence of str
+        Names from ``--track`` (each in :data:`TRACKER_NAMES`); a tracker the file already
+        configures keeps its options.
+    mlflow_uri : str, optional
+        ``--mlflow-uri``: the MLflow tracking URI (turns MLflow on).
+    wandb_mode : str, optional
+        ``--wandb-mode``: ``auto``, ``offline`` or ``online`` (turns W&B on).
+
+    Raises
+    ------
+    ConfigError
+        Naming the flag: an unknown tracker or a bad option value.
+    """
+    unknown = [name for name in trackers if name not in TRACKER_NAMES]
+    if unknown:
+        raise ConfigError(f"--track: unknown tracker {unknown}; known: {list(TRACKER_NAMES)}")
+    data = experiment.tracking.model_dump(mode="json")
+    for name in trackers:
+        data[name] = data.get(name) or {}
+    if mlflow_uri is not None:
+        data["mlflow"] = {**(data.get("mlflow") or {}), "uri": mlflow_uri}
+    if wandb_mode is not None:
+        data["wandb"] = {**(data.get("wandb") or {}), "mode": wandb_mode}
+    try:
+        tracking = TrackingConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"tracking.{_format_location(err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
+        ]
+        raise ConfigError("; ".join(lines)) from None
+    return experiment.model_copy(update={"tracking": tracking})

@@ -41,10 +41,13 @@ def preflight(experiment: Experiment, *, variants: Iterable[Experiment] = ()) ->
     ------
     ConfigError
         Naming the field: ``clients[i].model.kwargs``, ``datasets.<name>``, ``device``,
-        ``simulation.num_gpus_per_client``, ...
+        ``simulation.num_gpus_per_client``, ``tracking.<tracker>`` (its extra is missing), ...
     """
     check_paths(experiment)
     check_machine(experiment)
+    from fedmtl.tracking import check_trackers
+
+    check_trackers(experiment)  # a tracker's missing extra, named
     check_models(experiment)
     for variant in variants:
         check_models(variant)

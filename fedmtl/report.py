@@ -7,11 +7,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderableType
 from rich.table import Table
 
 from fedmtl.config import Experiment
 from fedmtl.results import RunDirectory, delta_table, final_metrics, find_reference_run
+from fedmtl.tables import COMPACT, FittedTables, natural_width
 
 
 def primary_metrics(experiment: Experiment) -> dict[str, dict[str, tuple[str, bool, str]]]:
@@ -116,28 +117,64 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def summary_table(summary: Mapping[str, Any]) -> Table:
-    """One row per client task: model, metric, value, Δ% vs local."""
-    table = Table(title=f"{summary['experiment']} · {summary['algorithm']}")
-    for column in ("client", "task", "model", "metric", "value", "Δ% vs local"):
-        table.add_column(column, justify="right" if column in ("value", "Δ% vs local") else "left")
-    for client_id, client in summary["clients"].items():
+NAME_MAX = 32  # longer client/task names fold onto a second line instead of squeezing the rest
+
+
+def name_column(table: Table, header: str, names: list[str]) -> None:
+    """A column of client or task names: as wide as the longest (up to 32), folded beyond."""
+    width = min(NAME_MAX, max([len(header), *(len(n) for n in names)]))
+    table.add_column(header, min_width=width, overflow="fold")
+
+
+def summary_table(summary: Mapping[str, Any]) -> FittedTables:
+    """One row per client task: metric, value, Δ% vs local, model.
+
+    Client and task names stay whole at any width down to 80 columns: when the model column
+    does not fit, the models move to a legend under the table.
+    """
+
+    def build(console: Console, options: ConsoleOptions) -> list[RenderableType]:
+        full = _summary_table(summary, with_model=True)
+        if natural_width(console, options, full) <= options.max_width:
+            return [full]
+        return [_summary_table(summary, with_model=False)]
+
+    return FittedTables(build)
+
+
+def _summary_table(summary: Mapping[str, Any], *, with_model: bool) -> Table:
+    table = Table(title=f"{summary['experiment']} · {summary['algorithm']}", **COMPACT)
+    clients = summary["clients"]
+    name_column(table, "client", list(clients))
+    name_column(table, "task", [t for c in clients.values() for t in c["tasks"]])
+    table.add_column("metric")
+    table.add_column("value", justify="right", no_wrap=True)
+    table.add_column("Δ% vs local", justify="right", no_wrap=True)
+    if with_model:
+        table.add_column("model", no_wrap=True)
+    for client_id, client in clients.items():
         for task, entry in client["tasks"].items():
             arrow = "↑" if entry["higher_is_better"] else "↓"
             delta = entry["delta_vs_local_pct"]
-            table.add_row(
+            cells = [
                 client_id,
-                f"{task} ({entry['kind']})",
-                client["model"],
+                task,
                 f"{entry['metric']} {arrow}",
                 _fmt(entry["value"]),
                 "—" if delta is None else f"{delta:+.2f}",
-            )
+            ]
+            table.add_row(*cells, *([client["model"]] if with_model else []))
     mean = summary.get("mean_delta_vs_local_pct")
     k = summary.get("average_last_rounds", 1)
-    table.caption = f"value: mean of the last {k} evaluated round(s); " + (
+    caption = f"value: mean of the last {k} evaluated round(s); " + (
         f"mean Δ% vs local: {_fmt(mean)}" if mean is not None else "no local run to compare"
     )
+    if not with_model:
+        by_model: dict[str, list[str]] = {}
+        for client_id, client in clients.items():
+            by_model.setdefault(client["model"], []).append(client_id)
+        caption += "\nmodels: " + "; ".join(f"{m} ({', '.join(c)})" for m, c in by_model.items())
+    table.caption = caption
     return table
 
 
@@ -207,8 +244,20 @@ def plot_runs(runs: RunsBySeed, path: Path) -> Path:
     ``runs`` maps a label to a run folder, or to ``seed → run folder``: with several seeds the
     line is their mean and the band spans them. The algorithm's own signals (FedMuscle's
     alignment loss against its chance level, M-Fed's encoder distances, FedHCA2's α) get
-    panels of their own.
+    panels of their own. Each label has its own colour, line style and marker, so lines that
+    coincide (FedPer and FedAvg without shared decoders) stay distinguishable; rounds are
+    integer ticks.
     """
+    import matplotlib.pyplot as plt
+
+    fig = runs_figure(runs)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def runs_figure(runs: RunsBySeed) -> Any:
+    """The matplotlib figure :func:`plot_runs` saves (one panel per client task and signal)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,9 +309,7 @@ def plot_runs(runs: RunsBySeed, path: Path) -> Path:
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6))
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def report(run_dir: str | Path, console: Console | None = None) -> dict[str, Any]:

@@ -12,12 +12,14 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmtl.config import Experiment, load_experiment, resolve_experiment
+from fedmtl.config import Experiment, load_experiment, resolve_experiment, with_tracking
 from fedmtl.preflight import check_models
-from fedmtl.report import plot_runs, summarize
+from fedmtl.progress import LogLineObserver, render_text
+from fedmtl.report import plot_runs, summarize, summary_table
 from fedmtl.results import RunDirectory, client_failures
 from fedmtl.strategies import FederatedLoop, create_strategy
-from fedmtl.strategies.loop import Observer
+from fedmtl.strategies.loop import LogObserver, Observer, RunInterrupted
+from fedmtl.tracking import check_trackers, open_trackers, read_state
 
 log = logging.getLogger("fedmtl.server")
 
@@ -36,21 +38,35 @@ def run_experiment(
     """Run every round of ``experiment`` over ``grid``, then write summary.json and plots.
 
     ``stop`` (set on Ctrl-C) ends the run with :class:`~fedmtl.strategies.loop.RunInterrupted`.
+    The trackers ``experiment.tracking`` turns on (TensorBoard, MLflow, W&B) see every round
+    and, at the end, the summary and plots; where they wrote is logged and kept in
+    ``tracking.json``.
     """
     strategy = create_strategy(experiment)
+    # A missing tracker extra fails here, before the first round.
+    tracked = open_trackers(experiment, run_dir, observer or LogObserver())
     loop = FederatedLoop(
         grid,
         experiment,
         strategy,
         run_dir,
-        observer=observer,
+        observer=tracked,
         state_root=state_root,
         run_config=run_config,
         stop=stop,
     )
-    loop.run(resume=resume)
-    summarize(run_dir)
-    plot_runs({experiment.algorithm.name: run_dir}, run_dir.path / "metrics.png")
+    status = "FAILED"
+    try:
+        loop.run(resume=resume)
+        summarize(run_dir)
+        plot_runs({experiment.algorithm.name: run_dir}, run_dir.path / "metrics.png")
+        status = "FINISHED"
+    except RunInterrupted:
+        status = "KILLED"
+        raise
+    finally:
+        for line in tracked.finish(status):
+            log.info("tracking: %s", line)
     return run_dir
 
 
@@ -110,11 +126,16 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run``.
 
-    Run config keys: ``experiment``, ``output-dir``, ``resume``, and FedMuscle's stream
+    Run config keys: ``experiment``, ``output-dir``, ``resume``, ``tracking`` (comma-separated
+    trackers to turn on, e.g. ``tensorboard,mlflow``), ``mlflow-uri``, and FedMuscle's stream
     settings ``stream-address`` (``host[:port]`` clients connect to), ``stream-bind``,
     ``stream-port``, ``stream-certfile``, ``stream-keyfile``, ``stream-ca-certfile``.
+
+    Progress is logged one line per phase, then the final table at 80 columns: what
+    ``flwr run . --stream`` and ``flwr log <run-id>`` show.
     """
     config = context.run_config
+    progress = LogLineObserver()
     resume_dir = str(config.get("resume", "") or "")
     if resume_dir:
         run_dir = RunDirectory(resume_dir)
@@ -126,10 +147,28 @@ def main(grid: Grid, context: Context) -> None:
             resolve_experiment_path(str(config.get("experiment", "configs/quickstart.toml"))),
             check_files=False,
         )
+        experiment = with_tracking(
+            experiment,
+            [t.strip() for t in str(config.get("tracking", "") or "").split(",") if t.strip()],
+            mlflow_uri=str(config.get("mlflow-uri", "") or "") or None,
+        )
         check_models(experiment)
+        check_trackers(experiment)
         run_dir = RunDirectory.create(str(config.get("output-dir", "runs")), experiment)
-    log.info("fedmtl run folder: %s", run_dir.path)
-    run_experiment(grid, experiment, run_dir, resume=bool(resume_dir), run_config=config)
+    progress.logger.info("fedmtl run folder: %s", run_dir.path)
+    run_experiment(
+        grid,
+        experiment,
+        run_dir,
+        resume=bool(resume_dir),
+        run_config=config,
+        observer=progress,
+    )
+    summary = run_dir.read_summary()
+    if summary is not None:
+        progress.logger.info("\n%s", render_text(summary_table(summary)))
+    for line in read_state(run_dir).get("where", {}).get("lines", []):
+        progress.logger.info("tracking: %s", line)
     never = {
         c: f
         for c, f in client_failures(experiment, run_dir.read_metrics()).items()

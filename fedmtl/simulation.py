@@ -137,7 +137,12 @@ def _start_ray(config: dict[str, Any]) -> None:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    with _sigint_ignored():
+    with _sigint_ignored(), warnings.catch_warnings():
+        # Ray's notice that a future version stops hiding GPUs from num_gpus=0 actors: the
+        # current behaviour is the one fedmtl wants, the notice only cluttered every start.
+        warnings.filterwarnings(
+            "ignore", message="Tip: In future versions of Ray", category=FutureWarning
+        )
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
 
 

@@ -147,3 +147,46 @@ def test_cli_compare_with_seeds_writes_per_seed_values_and_intervals(tmp_path: P
     for seed in ("1", "2"):
         assert record["summaries"]["fedavg"][seed]["reference_run"] == record["runs"]["local"][seed]
     assert (record_path.parent / "compare.png").stat().st_size > 1000
+
+
+def _long_stats(algorithms: list[str]) -> dict[str, Any]:
+    """Stats of a federation with long client and task names (the quickstart's)."""
+    names = {
+        "depth-edge-vit-small": ["depth", "edge"],
+        "seg-vit-tiny": ["segmentation"],
+        "digit-resnet18": ["digit"],
+    }
+    entry = {"mean": -12.34, "ci95": 16.78, "significant": True, "per_seed": []}
+    clients = {
+        c: {
+            t: {"metric": "mean_angular_error", "higher_is_better": False, "value": entry}
+            | {"delta": entry}
+            for t in tasks
+        }
+        for c, tasks in names.items()
+    }
+    return {
+        "seeds": [0, 1, 2],
+        "algorithms": {a: {"mean_delta": entry, "clients": clients} for a in algorithms},
+    }
+
+
+def test_compare_tables_fit_80_columns_without_cutting_names() -> None:
+    from fedmtl.compare import stats_tables
+    from fedmtl.progress import render_text
+
+    algorithms = ["local", "fedavg", "fedprox", "fedper", "ditto", "mfed"]
+    renderable = stats_tables(_long_stats(algorithms), last_k=3)
+    text = render_text(renderable, width=80)
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    assert "…" not in text, text
+    tables = len(renderable.tables(80))
+    assert tables > 1
+    rows = {"depth-edge-vit-small": 2, "seg-vit-tiny": 1, "digit-resnet18": 1, "segmentation": 1}
+    for name, per_table in rows.items():
+        assert text.count(name) == per_table * tables, name  # whole, in every table
+    for algorithm in algorithms[1:]:
+        assert f" {algorithm}" in text  # every algorithm has its column somewhere
+    assert text.count("-12.34 ± 16.78*") == 5 * 5  # 4 client tasks and the mean, each
+    # a wide terminal gets one table
+    assert len(stats_tables(_long_stats(algorithms), last_k=3).tables(200)) == 1

@@ -135,3 +135,63 @@ def test_ctrl_c_stops_cleanly_and_the_printed_command_resumes(tmp_path: Path) ->
     rounds = [r["round"] for r in run_dir.read_metrics()]
     assert rounds == sorted(rounds) and set(rounds) == {1, 2, 3}
     shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+@pytest.mark.timeout(600)
+def test_flwr_run_stream_and_log_show_progress_and_the_final_table(tmp_path: Path) -> None:
+    """`flwr run . --stream` against the local SuperLink it starts; `flwr log` shows the same.
+
+    A private FLWR_HOME and ports keep this SuperLink apart from any other on the machine; it
+    is stopped by its own PID at the end (it outlives `flwr run` by design).
+    """
+    import re
+    import signal
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39191",
+        "FLWR_LOCAL_CONTROL_API_PORT": "39193",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    output = tmp_path / "runs"
+    flwr = [str(Path(bin_dir) / "flwr")]
+    run_config = f"experiment='tests/data/tiny.toml' output-dir='{output}' tracking='tensorboard'"
+    try:
+        result = subprocess.run(
+            [*flwr, "run", ".", "--stream", "--federation-config", "num-supernodes=3",
+             "-c", run_config],
+            cwd=ROOT, capture_output=True, text=True, env=env, timeout=500,
+        )  # fmt: skip
+        out = result.stdout + result.stderr
+        assert result.returncode == 0, out[-3000:]
+        for line in (
+            "fedmtl tiny-e2e · fedavg: rounds 1–2, 3 clients",
+            "[ROUND 1/2] train: 3/3 clients replied",
+            "[ROUND 1/2] evaluate: 3/3 clients replied",
+            "[ROUND 2/2] done in",
+            "tracking: tensorboard: tensorboard --logdir",
+        ):
+            assert line in out, out[-3000:]
+        table = out[out.rindex("tiny-e2e · fedavg") :]  # the final table's title
+        assert "  a  " in table and "segmentation" in table and "models:" in table
+        run_id = re.search(r"Successfully started run (\d+)", out)
+        assert run_id is not None, out[-3000:]
+        log = subprocess.run(
+            [*flwr, "log", run_id.group(1), "--show"],
+            cwd=ROOT, capture_output=True, text=True, env=env, timeout=60,
+        )  # fmt: skip
+        assert "[ROUND 2/2] done in" in log.stdout and "segmentation" in log.stdout, log.stdout
+        (run_dir,) = output.glob("tiny-e2e/*")
+        assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    finally:
+        found = subprocess.run(
+            ["pgrep", "-f", f"flower-superlink.*{home}"], capture_output=True, text=True
+        )
+        for pid in found.stdout.split():
+            os.kill(int(pid), signal.SIGTERM)
