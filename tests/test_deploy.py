@@ -523,6 +523,21 @@ def test_compose_cli_rejects_contradictory_flags(
     assert not (tmp_path / "compose.yml").exists()
 
 
+def test_compose_cli_creates_the_mounted_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Created by the user, not by the engine (which would make them root's).
+    argv = ["compose", "--experiment", str(TINY), "--out", str(tmp_path), "--cpu"]
+    code, out, _ = deploy_cli(argv, capsys)
+    assert code == 0 and "3 SuperNodes" in out
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["a", "b", "c", "superlink"]
+    assert (tmp_path / "runs").is_dir()
+    spec = yaml.safe_load((tmp_path / "compose.yml").read_text())
+    for client_id in ("a", "b", "c"):
+        mounts = _mounts(spec["services"][f"supernode-{client_id}"])
+        assert mounts[f"/app/state/{client_id}"] == "${STATE_DIR:-./state}/" + client_id
+
+
 def test_container_tool_probe_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     from fedmtl.deploy.containers import find_container_tool
 

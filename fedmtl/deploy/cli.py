@@ -131,6 +131,12 @@ def cmd_compose(args: argparse.Namespace) -> int:
     env = render_env(experiment.name, clients, gpus=gpus, cpu=args.cpu, data=data)
     (out / ".env.example").write_text(env, encoding="utf-8")
     print(f"wrote {out / 'compose.yml'} ({len(clients)} SuperNodes) and {out / '.env.example'}")
+    # The bind mounts' host folders (.env.example's defaults), created by the user who runs
+    # compose: an engine would create missing ones owned by root, unwritable for the containers.
+    folders = [out / "runs", out / "state" / "superlink", *(out / "state" / c for c in clients)]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    print(f"created {out / 'runs'} and {out / 'state'}/{{superlink,<client>}} (mounted volumes)")
     return 0
 
 
