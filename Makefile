@@ -6,7 +6,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: demo test test-slow test-deploy lint typecheck proto clean
+.PHONY: demo test test-slow test-deploy test-compose lint typecheck proto clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,18 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-slow: $(VENV)/.installed
-	$(BIN)/python -m pytest -q -m slow --ignore=tests/test_deploy_e2e.py
+	$(BIN)/python -m pytest -q -m "slow and not compose" --ignore=tests/test_deploy_e2e.py
 
 test-deploy: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow tests/test_deploy_e2e.py
+
+# Builds docker/Dockerfile, runs a SuperLink and three SuperNode containers with docker compose
+# or podman-compose, tears them down; skipped where neither is usable. BASE_IMAGE: the image's
+# base (default: the Dockerfile's CUDA PyTorch image), e.g. a local Debian one on hosts without
+# a registry. -s prints the measured wall time of each step.
+BASE_IMAGE ?=
+test-compose: $(VENV)/.installed
+	FEDMTL_BASE_IMAGE=$(BASE_IMAGE) $(BIN)/python -m pytest -q -s -m compose tests/test_compose_e2e.py
 
 lint: $(VENV)/.installed
 	$(BIN)/lint-imports --no-cache

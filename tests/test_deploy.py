@@ -464,12 +464,23 @@ def _compose_binary() -> list[str] | None:
 
 
 @pytest.mark.skipif(_compose_binary() is None, reason="no docker-compose binary")
-def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["gpu", "cpu"])
+def test_docker_compose_config_accepts_the_file(tmp_path: Path, variant: str) -> None:
+    # `config` validates against the Compose specification: the GPU reservations of the
+    # committed file can be checked here even without a GPU; the --cpu file is the one the
+    # compose end-to-end test brings up.
     binary = _compose_binary()
     assert binary is not None
     for name in ("compose.yml", ".env.example"):
         shutil.copy(DOCKER / name, tmp_path / name)
     shutil.copy(DOCKER / ".env.example", tmp_path / ".env")
+    if variant == "cpu":
+        experiment = load_experiment(QUICKSTART, check_data=False)
+        clients = [c.client_id for c in experiment.clients]
+        text = compose_module.render_compose(
+            experiment.name, clients, cpu=True, data=False, num_threads=1
+        )
+        (tmp_path / "compose.yml").write_text(text)
     result = subprocess.run(
         [*binary, "-f", str(tmp_path / "compose.yml"), "config"],
         capture_output=True,
@@ -481,6 +492,60 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
     resolved = yaml.safe_load(result.stdout)
     assert set(resolved["services"]) >= {"superlink", "supernode-digit-vit-tiny"}
     assert "flower-superlink" in str(resolved["services"]["superlink"]["command"])
+    node = resolved["services"]["supernode-digit-vit-tiny"]
+    assert node["user"] == "49999:49999"  # .env.example's FEDMTL_UID:FEDMTL_GID
+    devices = node.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+    if variant == "gpu":
+        assert devices == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]
+    else:
+        assert devices is None and "num-threads=1" in node["command"][-1]
+
+
+def test_compose_runs_as_the_env_user_and_pins_threads() -> None:
+    spec = yaml.safe_load(compose_module.render_compose("e", ["x", "y"], cpu=True, num_threads=1))
+    for name, service in spec["services"].items():
+        assert service["user"] == "${FEDMTL_UID:-49999}:${FEDMTL_GID:-49999}", name
+    assert spec["services"]["supernode-y"]["command"][-1].endswith("num-threads=1")
+    env = compose_module.render_env("e", ["x", "y"], cpu=True).splitlines()
+    assert "FEDMTL_UID=49999" in env and "FEDMTL_GID=49999" in env
+    with pytest.raises(ValueError, match="num-threads must be at least 1"):
+        compose_module.render_compose("e", ["x"], num_threads=0)
+
+
+def test_compose_cli_rejects_contradictory_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["compose", "--experiment", str(TINY), "--out", str(tmp_path)]
+    code, _, err = deploy_cli([*base, "--cpu", "--gpus", "1"], capsys)
+    assert code == 2 and "--cpu and --gpus exclude each other" in err
+    code, _, err = deploy_cli([*base, "--num-threads", "0"], capsys)
+    assert code == 2 and "--num-threads must be at least 1, got 0" in err
+    assert not (tmp_path / "compose.yml").exists()
+
+
+def test_compose_cli_creates_the_mounted_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Created by the user, not by the engine (which would make them root's).
+    argv = ["compose", "--experiment", str(TINY), "--out", str(tmp_path), "--cpu"]
+    code, out, _ = deploy_cli(argv, capsys)
+    assert code == 0 and "3 SuperNodes" in out
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["a", "b", "c", "superlink"]
+    assert (tmp_path / "runs").is_dir()
+    spec = yaml.safe_load((tmp_path / "compose.yml").read_text())
+    for client_id in ("a", "b", "c"):
+        mounts = _mounts(spec["services"][f"supernode-{client_id}"])
+        assert mounts[f"/app/state/{client_id}"] == "${STATE_DIR:-./state}/" + client_id
+
+
+def test_container_tool_probe_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedmtl.deploy.containers import find_container_tool
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert find_container_tool() == (None, "docker: not installed; podman: not installed")
+    assert find_container_tool("podman") == (None, "podman: not installed")
+    with pytest.raises(ValueError, match="must be one of"):
+        find_container_tool("lxc")
 
 
 # --------------------------------------------------------------------------- GPU nodes

@@ -114,15 +114,29 @@ def cmd_compose(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clients = [c.client_id for c in experiment.clients]
+    if args.cpu and args.gpus:
+        raise ValueError("--cpu and --gpus exclude each other (--cpu: no GPU reservations)")
     gpus = _split(args.gpus) or ["0"]
     data = needs_data_dir(experiment)
     compose = render_compose(
-        experiment.name, clients, gpus=gpus, cpu=args.cpu, context=args.context, data=data
+        experiment.name,
+        clients,
+        gpus=gpus,
+        cpu=args.cpu,
+        context=args.context,
+        data=data,
+        num_threads=args.num_threads,
     )
     (out / "compose.yml").write_text(compose, encoding="utf-8")
     env = render_env(experiment.name, clients, gpus=gpus, cpu=args.cpu, data=data)
     (out / ".env.example").write_text(env, encoding="utf-8")
     print(f"wrote {out / 'compose.yml'} ({len(clients)} SuperNodes) and {out / '.env.example'}")
+    # The bind mounts' host folders (.env.example's defaults), created by the user who runs
+    # compose: an engine would create missing ones owned by root, unwritable for the containers.
+    folders = [out / "runs", out / "state" / "superlink", *(out / "state" / c for c in clients)]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    print(f"created {out / 'runs'} and {out / 'state'}/{{superlink,<client>}} (mounted volumes)")
     return 0
 
 
@@ -207,6 +221,7 @@ def add_deploy_parser(
     comp.add_argument("--gpus", action="append", help="host GPU indices in turn (default 0)")
     comp.add_argument("--cpu", action="store_true", help="no GPU reservations")
     comp.add_argument("--context", default="..", help="build context relative to --out")
+    comp.add_argument("--num-threads", type=int, help="torch CPU threads per ClientApp")
     comp.set_defaults(func=_guarded(cmd_compose))
     return deploy
 

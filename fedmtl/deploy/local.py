@@ -64,7 +64,107 @@ def _wait_exit(pid: int, timeout: float) -> bool:
         time.sleep(0.1)
 
 
-class LocalDeployment:
+class FlwrCli:
+    """The ``flwr`` CLI side of a deployment: submit runs, follow them, list nodes.
+
+    Subclasses set ``workdir`` (each process's private ``FLWR_HOME`` lives below it), ``env``
+    (the environment of every command), ``settings`` (``connection`` names the SuperLink entry
+    in the CLI's ``config.toml``) and ``plan`` (its run command's ``stream-*`` run config is
+    passed with every submitted run).
+    """
+
+    workdir: Path
+    env: dict[str, str]
+    settings: DeploySettings
+    plan: DeploymentPlan
+
+    def home(self, name: str) -> Path:
+        """The private ``FLWR_HOME`` of process ``name`` (``cli`` for the ``flwr`` CLI)."""
+        path = self.workdir / "homes" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run the ``flwr`` CLI against this deployment's connection."""
+        return subprocess.run(
+            ["flwr", *args],
+            env={**self.env, "FLWR_HOME": str(self.home("cli")), "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def flwr_json(self, *args: str, timeout: float = 120) -> dict[str, Any]:
+        """Run ``flwr ... --format json``; the parsed answer (``success`` false on failure)."""
+        result = self.flwr(*args, "--format", "json", timeout=timeout)
+        try:
+            answer = json.loads(result.stdout)
+        except json.JSONDecodeError:
+            answer = {"success": False, "error-message": result.stdout + result.stderr}
+        return dict(answer)
+
+    def stop_run(self, run_id: int) -> dict[str, Any]:
+        """``flwr stop RUN_ID``: the SuperLink ends the run and its ServerApp."""
+        return self.flwr_json("stop", str(run_id))
+
+    def online_nodes(self) -> list[dict[str, Any]]:
+        """SuperNodes the SuperLink reports online (``flwr supernode ls``)."""
+        nodes = self.flwr_json("supernode", "ls").get("nodes", [])
+        return [n for n in nodes if str(n.get("status", "")).lower() == "online"]
+
+    @staticmethod
+    def wait_for(condition: Any, timeout: float, interval: float = 1.0) -> None:
+        """Poll ``condition()`` until true; ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(interval)
+        raise TimeoutError(f"condition not met within {timeout:.0f} s")
+
+    def submit(self, run_config: Mapping[str, str | int], app_dir: str | Path) -> int:
+        """``flwr run APP <connection> --run-config ...``; returns the run id.
+
+        The plan's own run config (FedMuscle's ``stream-*`` address, port and TLS files) is
+        included; ``run_config`` adds to or overrides it.
+        """
+        from flwr.common.config import parse_config_args
+
+        planned = parse_config_args([self.plan.run.argv[-1]])
+        merged = {k: v for k, v in planned.items() if k.startswith("stream-")}
+        merged.update(run_config)
+        overrides = " ".join(
+            f"{k}={v}" if isinstance(v, int) else f"{k}={toml_literal(str(v))}"
+            for k, v in merged.items()
+        )
+        args = ("run", str(app_dir), self.settings.connection, "--run-config", overrides)
+        answer = self.flwr_json(*args)
+        if not answer.get("success"):
+            raise RuntimeError(f"flwr run failed: {answer}")
+        return int(answer["run-id"])
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        """``flwr ls --run-id`` as a dict (status, network traffic, compute time)."""
+        answer = self.flwr_json("ls", "--run-id", str(run_id))
+        if not answer.get("success"):
+            raise RuntimeError(f"flwr ls failed: {answer}")
+        return dict(answer["runs"][0])
+
+    def wait_run(self, run_id: int, timeout: float) -> dict[str, Any]:
+        """Wait until the run is finished; return its ``run_info``."""
+        info: dict[str, Any] = {}
+
+        def finished() -> bool:
+            nonlocal info
+            info = self.run_info(run_id)
+            return str(info.get("status", "")).startswith(FINISHED)
+
+        self.wait_for(finished, timeout, interval=3.0)
+        return info
+
+
+class LocalDeployment(FlwrCli):
     """SuperLink, registrations and one SuperNode per client, as processes on loopback.
 
     Always TLS and SuperNode authentication, as in a real deployment.
@@ -118,12 +218,6 @@ class LocalDeployment:
 
     # -- processes --------------------------------------------------------------------
 
-    def home(self, name: str) -> Path:
-        """The private ``FLWR_HOME`` of process ``name`` (``cli`` for the ``flwr`` CLI)."""
-        path = self.workdir / "homes" / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
     def log_path(self, name: str) -> Path:
         """Where the output of process ``name`` goes."""
         return self.workdir / "logs" / f"{name}.log"
@@ -144,26 +238,6 @@ class LocalDeployment:
         self.processes[name] = process
         self._logs[name] = log
         return process
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run the ``flwr`` CLI against this deployment's connection."""
-        return subprocess.run(
-            ["flwr", *args],
-            env={**self.env, "FLWR_HOME": str(self.home("cli")), "COLUMNS": "200"},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    def flwr_json(self, *args: str, timeout: float = 120) -> dict[str, Any]:
-        """Run ``flwr ... --format json``; the parsed answer (``success`` false on failure)."""
-        result = self.flwr(*args, "--format", "json", timeout=timeout)
-        try:
-            answer = json.loads(result.stdout)
-        except json.JSONDecodeError:
-            answer = {"success": False, "error-message": result.stdout + result.stderr}
-        return dict(answer)
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
         """Send ``sig`` to process ``name``'s group, wait; SIGKILL the group if it lingers.
@@ -235,64 +309,3 @@ class LocalDeployment:
                 self.stop(f"supernode-{client_id}")
                 self.start_supernode(client_id)
         self.wait_for(lambda: len(self.online_nodes()) >= len(self.client_ids), timeout)
-
-    def stop_run(self, run_id: int) -> dict[str, Any]:
-        """``flwr stop RUN_ID``: the SuperLink ends the run and its ServerApp."""
-        return self.flwr_json("stop", str(run_id))
-
-    def online_nodes(self) -> list[dict[str, Any]]:
-        """SuperNodes the SuperLink reports online (``flwr supernode ls``)."""
-        nodes = self.flwr_json("supernode", "ls").get("nodes", [])
-        return [n for n in nodes if str(n.get("status", "")).lower() == "online"]
-
-    @staticmethod
-    def wait_for(condition: Any, timeout: float, interval: float = 1.0) -> None:
-        """Poll ``condition()`` until true; ``TimeoutError`` after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            time.sleep(interval)
-        raise TimeoutError(f"condition not met within {timeout:.0f} s")
-
-    # -- runs ---------------------------------------------------------------------------
-
-    def submit(self, run_config: Mapping[str, str | int], app_dir: str | Path) -> int:
-        """``flwr run APP <connection> --run-config ...``; returns the run id.
-
-        The plan's own run config (FedMuscle's ``stream-*`` address, port and TLS files) is
-        included; ``run_config`` adds to or overrides it.
-        """
-        from flwr.common.config import parse_config_args
-
-        planned = parse_config_args([self.plan.run.argv[-1]])
-        merged = {k: v for k, v in planned.items() if k.startswith("stream-")}
-        merged.update(run_config)
-        overrides = " ".join(
-            f"{k}={v}" if isinstance(v, int) else f"{k}={toml_literal(str(v))}"
-            for k, v in merged.items()
-        )
-        args = ("run", str(app_dir), self.settings.connection, "--run-config", overrides)
-        answer = self.flwr_json(*args)
-        if not answer.get("success"):
-            raise RuntimeError(f"flwr run failed: {answer}")
-        return int(answer["run-id"])
-
-    def run_info(self, run_id: int) -> dict[str, Any]:
-        """``flwr ls --run-id`` as a dict (status, network traffic, compute time)."""
-        answer = self.flwr_json("ls", "--run-id", str(run_id))
-        if not answer.get("success"):
-            raise RuntimeError(f"flwr ls failed: {answer}")
-        return dict(answer["runs"][0])
-
-    def wait_run(self, run_id: int, timeout: float) -> dict[str, Any]:
-        """Wait until the run is finished; return its ``run_info``."""
-        info: dict[str, Any] = {}
-
-        def finished() -> bool:
-            nonlocal info
-            info = self.run_info(run_id)
-            return str(info.get("status", "")).startswith(FINISHED)
-
-        self.wait_for(finished, timeout, interval=3.0)
-        return info
