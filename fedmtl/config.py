@@ -424,6 +424,14 @@ def _check_hyperparameters(name: str, values: dict[str, Any]) -> None:
         raise ValueError("; ".join(problems)) from None
 
 
+def _error_lines(exc: ValidationError, prefix: str = "") -> list[str]:
+    """One ``field: problem`` line per error of a pydantic validation."""
+    return [
+        f"{prefix}{_format_location(err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+        for err in exc.errors()
+    ]
+
+
 def _format_location(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -462,10 +470,7 @@ def parse_experiment(
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
-        lines = [
-            f"{_format_location(err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        ]
+        lines = _error_lines(exc)
         raise ConfigError("invalid experiment file:\n  " + "\n  ".join(lines)) from None
     if check_data:
         _check_data(experiment, check_files=check_files)
@@ -743,9 +748,5 @@ def with_tracking(
     try:
         tracking = TrackingConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [
-            f"tracking.{_format_location(err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        ]
-        raise ConfigError("; ".join(lines)) from None
+        raise ConfigError("; ".join(_error_lines(exc, prefix="tracking."))) from None
     return experiment.model_copy(update={"tracking": tracking})
