@@ -249,6 +249,20 @@ class SimulationConfig(Strict):
     num_gpus_per_client: float = Field(0.0, ge=0)
 
 
+class StateConfig(Strict):
+    """Clients' personal state between rounds (``[state]``).
+
+    ``dtype``: floating tensors are stored in it and restored to their own dtype on load;
+    ``bfloat16``/``float16`` halve the disk a run needs but round the state every round, so
+    the default keeps float32 (bit-exact resumes, metrics unchanged). ``keep``: leave
+    ``<run>/clients/`` in place after a finished simulation (by default it is deleted, after
+    its size is recorded in ``summary.json``).
+    """
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    keep: bool = False
+
+
 class Experiment(Strict):
     """The whole experiment file."""
 
@@ -266,6 +280,7 @@ class Experiment(Strict):
     # Per-algorithm hyper-parameters used when --algorithm / compare selects that algorithm.
     hyperparameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     public: PublicDatasetConfig | None = None
     datasets: dict[str, DatasetConfig]
     clients: list[ClientConfig] = Field(min_length=1)
