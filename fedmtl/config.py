@@ -116,6 +116,11 @@ class FedHCA2Config(Strict):
     hyper_weight_decay: float = Field(1e-4, ge=0)
     alpha_init: float = Field(0.1, ge=0, le=1)
     beta_init: float = Field(0.1, ge=0, le=1)
+    # The server's two [N, d] encoder buffers (θ^last and the uploads) go to a memory-mapped
+    # file in spill_dir (default: the system temp folder; put it on a disk, not a tmpfs) when
+    # together they exceed this many MiB. None: always in RAM. Same arithmetic either way.
+    memory_budget_mb: float | None = Field(None, gt=0)
+    spill_dir: str | None = None
 
 
 class FedMuscleConfig(Strict):
