@@ -104,7 +104,14 @@ class LazyGrid(FakeGrid):
         return []
 
 
-def test_fedavg_server_holds_one_upload_at_a_time(tmp_path: Path) -> None:
+def _watched_run(
+    tmp_path: Path, rounds: int, keep: bool
+) -> tuple[Any, list[int], dict[int, list[tuple[dict[str, torch.Tensor], float]]]]:
+    """Six clients of one group through the loop; at each fold, how many upload tensors live.
+
+    ``keep``: the fold answers False, as a strategy that does not fold would, and the loop
+    keeps every reply's tensors to the end of the phase (the probe must see them pile up).
+    """
     group = {
         "client_id": "w",
         "count": 6,
@@ -114,7 +121,7 @@ def test_fedavg_server_holds_one_upload_at_a_time(tmp_path: Path) -> None:
         "test_samples": 8,
         "model": {"backbone": "vit_tiny_patch16_224", "kwargs": TINY_VIT, "decoder_hidden": 16},
     }
-    experiment = tiny_experiment("fedavg", rounds=2, clients=[group])
+    experiment = tiny_experiment("fedavg", rounds=rounds, clients=[group])
     strategy = create_strategy(experiment)
     alive: set[int] = set()  # ids of upload tensors not yet freed
     peak: list[int] = []
@@ -128,55 +135,29 @@ def test_fedavg_server_holds_one_upload_at_a_time(tmp_path: Path) -> None:
         peak.append(len(alive))
         copy = {k: v.clone() for k, v in reply.arrays.items()}
         uploads.setdefault(round_, []).append((copy, float(reply.metrics["num-examples"])))
-        return fold(round_, reply, info)
+        return fold(round_, reply, info) and not keep
 
     strategy.fold = watched  # type: ignore[attr-defined]
     grid = LazyGrid(client_app, len(experiment.clients))
     run_dir = RunDirectory.create(tmp_path, experiment)
     FederatedLoop(grid, experiment, strategy, run_dir).run()
+    return strategy, peak, uploads
 
+
+def test_fedavg_server_holds_one_upload_at_a_time(tmp_path: Path) -> None:
+    strategy, peak, uploads = _watched_run(tmp_path / "fold", rounds=2, keep=False)
     per_upload = len(uploads[1][0][0])
     assert len(uploads[1]) == len(uploads[2]) == 6
     # At every fold only the arriving reply's tensors are alive, however many came before.
     assert max(peak) == per_upload, peak
     # The folded result is FedAvg's weighted average of the round's uploads, bit for bit.
-    groups = strategy.global_groups  # type: ignore[attr-defined]
+    groups = strategy.global_groups
     assert sum(len(g) for g in groups.values()) == per_upload  # encoder + digit decoder
     for names in groups.values():
         expected = weighted_average(
             [{n: t[n] for n in names} for t, _ in uploads[2]], [w for _, w in uploads[2]]
         )
         assert all(torch.equal(names[n], expected[n]) for n in expected)
-
-
-def test_fedmuscle_batch_schedule_holds_one_public_batch_of_representations(
-    tmp_path: Path,
-) -> None:
-    from fedmtl.strategies.fedmuscle import FedMuscle
-
-    data = tiny_experiment("fedmuscle", rounds=1).model_dump(mode="json")
-    data["algorithm"].update({"projector_dim": 8, "schedule": "batch", "contrastive_epochs": 2})
-    data["public"].update({"size": 32, "batch_size": 8})  # 4 batches an epoch, 8 steps
-    from fedmtl.config import parse_experiment
-
-    experiment = parse_experiment(data)
-    strategy = create_strategy(experiment)
-    assert isinstance(strategy, FedMuscle)
-    alive: dict[int, int] = {}  # id of a representation tensor → the step it came for
-    seen: list[tuple[int, list[int]]] = []
-    payloads = strategy._payloads
-
-    def watched(state: Any, step: int, reps: Any) -> Any:
-        for tensor in reps.values():
-            if id(tensor) not in alive:
-                alive[id(tensor)] = step
-                weakref.finalize(tensor, alive.pop, id(tensor), None)
-        seen.append((step, sorted(alive.values())))
-        return payloads(state, step, reps)
-
-    strategy._payloads = watched  # type: ignore[method-assign]
-    grid = FakeGrid(client_app, len(experiment.clients))
-    FederatedLoop(grid, experiment, strategy, RunDirectory.create(tmp_path, experiment)).run()
-    assert [step for step, _ in seen] == list(range(8))
-    for step, steps_alive in seen:
-        assert steps_alive == [step] * 3, (step, steps_alive)  # 3 clients, this batch only
+    # The probe sees retention: replies kept by the loop pile up to all six.
+    _, kept, _ = _watched_run(tmp_path / "keep", rounds=1, keep=True)
+    assert max(kept) == 6 * per_upload, kept
