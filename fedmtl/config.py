@@ -281,6 +281,10 @@ class Experiment(Strict):
     average_last_rounds: int = Field(3, ge=1)
     clients_per_round: int | None = Field(None, ge=1)
     round_timeout: float = Field(600.0, gt=0)
+    # At most this many messages of a phase in flight (built as replies come back), so the
+    # server holds that many downlink copies of the model, not one per client. None: all at
+    # once (every client can work in parallel; the server holds k copies).
+    messages_in_flight: int | None = Field(None, ge=1)
     algorithm: AlgorithmConfig = FedAvgConfig()
     # Per-algorithm hyper-parameters used when --algorithm / compare selects that algorithm.
     hyperparameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -343,6 +347,17 @@ class Experiment(Strict):
             raise ValueError(f"public.dataset: {self.public.dataset!r} is not declared")
         if self.algorithm.name == "fedmuscle" and self.public is None:
             raise ValueError("public: fedmuscle needs a [public] dataset section")
+        algorithm = self.algorithm
+        if (
+            isinstance(algorithm, FedMuscleConfig)
+            and algorithm.channel == "stream"
+            and self.messages_in_flight is not None
+            and self.messages_in_flight < len(self.clients)
+        ):
+            raise ValueError(
+                f"messages_in_flight: FedMuscle's stream needs every client in its handler at "
+                f"once, so at least {len(self.clients)} messages in flight (or unset)"
+            )
         return self
 
     # -- convenience -------------------------------------------------------------------

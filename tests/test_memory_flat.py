@@ -87,6 +87,7 @@ class LazyGrid(FakeGrid):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pending: dict[str, Message] = {}
+        self.most_in_flight = 0
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -95,6 +96,9 @@ class LazyGrid(FakeGrid):
             message.metadata.__dict__["_message_id"] = message_id
             self.pending[message_id] = message
             ids.append(message_id)
+        # messages with tensors (describe carries none and goes to every node at once)
+        carrying = [m for m in self.pending.values() if m.metadata.message_type != "query.describe"]
+        self.most_in_flight = max(self.most_in_flight, len(carrying))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -161,3 +165,27 @@ def test_fedavg_server_holds_one_upload_at_a_time(tmp_path: Path) -> None:
     # The probe sees retention: replies kept by the loop pile up to all six.
     _, kept, _ = _watched_run(tmp_path / "keep", rounds=1, keep=True)
     assert max(kept) == 6 * per_upload, kept
+
+
+def test_messages_in_flight_bounds_the_downlink_and_changes_no_number(tmp_path: Path) -> None:
+    group = {
+        "client_id": "w",
+        "count": 5,
+        "dataset": "digits",
+        "tasks": ["digit"],
+        "samples": 16,
+        "test_samples": 8,
+        "model": {"backbone": "vit_tiny_patch16_224", "kwargs": TINY_VIT, "decoder_hidden": 16},
+    }
+    rows, in_flight = {}, {}
+    for window in (None, 2):
+        experiment = tiny_experiment("fedavg", rounds=2, clients=[group], messages_in_flight=window)
+        grid = LazyGrid(client_app, len(experiment.clients))
+        run_dir = RunDirectory.create(tmp_path / str(window), experiment)
+        FederatedLoop(grid, experiment, create_strategy(experiment), run_dir).run()
+        rows[window] = [
+            {k: v for k, v in row.items() if "seconds" not in k} for row in run_dir.read_metrics()
+        ]
+        in_flight[window] = grid.most_in_flight
+    assert in_flight == {None: 5, 2: 2}
+    assert rows[2] == rows[None]  # same replies in the same order: the same numbers

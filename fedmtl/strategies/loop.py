@@ -7,13 +7,14 @@ metrics.jsonl, per-round checkpoints and resume.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from flwr.app import Message, RecordDict
@@ -196,20 +197,24 @@ class FederatedLoop:
         metrics row and left out.
         """
         sent: dict[str, str] = {}  # message id → client id
-        messages = []
-        for client_id, content in contents.items():
-            node = self.clients[client_id].node_id
-            messages.append(self._message(content, node, message_type))
-            self._row(round_, client_id)["bytes_down"] = self._row(round_, client_id).get(
-                "bytes_down", 0
-            ) + content_bytes(content)
+        client_of = {self.clients[c].node_id: c for c in contents}
+
+        def messages() -> Iterator[Message]:
+            # Built one by one as the window lets them go: with ``messages_in_flight`` the
+            # server holds that many messages' tensors, not one copy per client.
+            for client_id in contents:
+                content = contents[client_id]
+                row = self._row(round_, client_id)
+                row["bytes_down"] = row.get("bytes_down", 0) + content_bytes(content)
+                yield self._message(content, self.clients[client_id].node_id, message_type)
+
+        def pushed(batch: list[Message]) -> None:  # message ids exist once pushed
+            for message in batch:
+                sent[message.metadata.message_id] = client_of[message.metadata.dst_node_id]
+
         good: dict[str, Reply] = {}
 
         def handle(reply: Message) -> None:
-            if not sent:  # message ids exist once pushed
-                for message in messages:
-                    node = message.metadata.dst_node_id
-                    sent[message.metadata.message_id] = self._client_of_node(node)
             client_id = sent.get(reply.metadata.reply_to_message_id)
             if client_id is None:
                 return
@@ -227,7 +232,8 @@ class FederatedLoop:
             good[client_id] = parsed
 
         start = time.perf_counter()
-        self.send_and_receive(messages, on_reply=handle)
+        window = self.experiment.messages_in_flight
+        self.send_and_receive(messages(), on_reply=handle, window=window, on_pushed=pushed)
         for client_id in contents:
             if client_id not in good and "error" not in self._row(round_, client_id):
                 self._fail(round_, client_id, phase, "no reply before the round timeout")
@@ -242,13 +248,21 @@ class FederatedLoop:
         return Message(content, dst_node_id=node, message_type=message_type, ttl=ttl)
 
     def send_and_receive(
-        self, messages: Iterable[Message], on_reply: Callable[[Message], None] | None = None
+        self,
+        messages: Iterable[Message],
+        on_reply: Callable[[Message], None] | None = None,
+        *,
+        window: int | None = None,
+        on_pushed: Callable[[list[Message]], None] | None = None,
     ) -> list[Message]:
         """Push ``messages``, pull replies until all came or the round timeout passed.
 
         Like ``Grid.send_and_receive``, but a set :attr:`stop` ends the wait at once. With
         ``on_reply`` each reply is handed over as it is pulled and not kept (the returned list
-        is then empty): a phase's uploads need not all sit in memory at once.
+        is then empty): a phase's uploads need not all sit in memory at once. With ``window``
+        at most that many messages are in flight: ``messages`` (which may be a generator) is
+        drawn from as replies come back. ``on_pushed`` sees each pushed batch (message ids
+        are set by then).
 
         Raises
         ------
@@ -256,9 +270,22 @@ class FederatedLoop:
             When :attr:`stop` is set.
         """
         self._check_stop()
+        queue = iter(messages)
         # A list, not a set: replies then come in push order on grids that keep it, and
         # aggregation sums them in the same order every run (bitwise-equal results).
-        pending = list(self.grid.push_messages(messages))
+        pending: list[str] = []
+
+        def top_up() -> bool:
+            room = None if window is None else window - len(pending)
+            batch = list(queue) if room is None else list(itertools.islice(queue, max(room, 0)))
+            if not batch:
+                return False
+            pending.extend(self.grid.push_messages(batch))
+            if on_pushed is not None:
+                on_pushed(batch)
+            return True
+
+        top_up()
         deadline = time.monotonic() + self.experiment.round_timeout
         replies: list[Message] = []
         while pending:
@@ -271,9 +298,10 @@ class FederatedLoop:
                     on_reply(reply)
                 del got
             pending = [message_id for message_id in pending if message_id not in answered]
+            more = top_up()
             if not pending or time.monotonic() >= deadline:
                 break
-            if self.stop.wait(POLL_SECONDS):
+            if not more and self.stop.wait(POLL_SECONDS):
                 self._check_stop()
         return replies
 
