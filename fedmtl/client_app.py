@@ -131,7 +131,11 @@ def open_session(msg: Message, context: Context) -> tuple[ClientSession, dict[st
     # per (client, round, message) so runs repeat exactly and a resumed run matches.
     round_ = int(str(config.get(SERVER_ROUND, 0)))
     torch.manual_seed(derive_seed(experiment.seed, client_id, round_, msg.metadata.message_type))
-    return ClientSession(experiment, client_id, state_dir, data_root, stream_ca), config
+    session = ClientSession(experiment, client_id, state_dir, data_root, stream_ca)
+    if round_ > 1:
+        # The server sends round r only after checkpointing round r - 1: older state can go.
+        session.state.commit(round_ - 1)
+    return session, config
 
 
 def _received(msg: Message) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import re
 import tomllib
 from collections.abc import Iterator
 from importlib import resources
@@ -115,6 +116,11 @@ class FedHCA2Config(Strict):
     hyper_weight_decay: float = Field(1e-4, ge=0)
     alpha_init: float = Field(0.1, ge=0, le=1)
     beta_init: float = Field(0.1, ge=0, le=1)
+    # The server's two [N, d] encoder buffers (θ^last and the uploads) go to a memory-mapped
+    # file in spill_dir (default: the system temp folder; put it on a disk, not a tmpfs) when
+    # together they exceed this many MiB. None: always in RAM. Same arithmetic either way.
+    memory_budget_mb: float | None = Field(None, gt=0)
+    spill_dir: str | None = None
 
 
 class FedMuscleConfig(Strict):
@@ -217,7 +223,12 @@ class TrainingConfig(Strict):
 
 
 class ClientConfig(Strict):
-    """One client of the federation (``[[clients]]``)."""
+    """One client of the federation (``[[clients]]``).
+
+    A ``[[clients]]`` block with ``count = n`` is a *client group*: ``n`` clients from one
+    template, named ``<client_id>-000`` … (see :func:`expand_client_groups`). The group is
+    expanded before validation, so every member is an ordinary ``ClientConfig``.
+    """
 
     client_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
     dataset: str
@@ -299,6 +310,20 @@ class TrackingConfig(Strict):
         return [name for name in TRACKER_NAMES if getattr(self, name) is not None]
 
 
+class StateConfig(Strict):
+    """Clients' personal state between rounds (``[state]``).
+
+    ``dtype``: floating tensors are stored in it and restored to their own dtype on load;
+    ``bfloat16``/``float16`` halve the disk a run needs but round the state every round, so
+    the default keeps float32 (bit-exact resumes, metrics unchanged). ``keep``: leave
+    ``<run>/clients/`` in place after a finished simulation (by default it is deleted, after
+    its size is recorded in ``summary.json``).
+    """
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    keep: bool = False
+
+
 class Experiment(Strict):
     """The whole experiment file."""
 
@@ -312,10 +337,15 @@ class Experiment(Strict):
     average_last_rounds: int = Field(3, ge=1)
     clients_per_round: int | None = Field(None, ge=1)
     round_timeout: float = Field(600.0, gt=0)
+    # At most this many messages of a phase in flight (built as replies come back), so the
+    # server holds that many downlink copies of the model, not one per client. None: all at
+    # once (every client can work in parallel; the server holds k copies).
+    messages_in_flight: int | None = Field(None, ge=1)
     algorithm: AlgorithmConfig = FedAvgConfig()
     # Per-algorithm hyper-parameters used when --algorithm / compare selects that algorithm.
     hyperparameters: dict[str, dict[str, Any]] = Field(default_factory=dict)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     public: PublicDatasetConfig | None = None
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     datasets: dict[str, DatasetConfig]
@@ -333,6 +363,7 @@ class Experiment(Strict):
             raise ValueError("[defaults] must be a table")
         clients = data.get("clients")
         if isinstance(clients, list):
+            clients, _ = expand_client_groups(clients)
             merged = []
             for client in clients:
                 if isinstance(client, dict):
@@ -373,6 +404,17 @@ class Experiment(Strict):
             raise ValueError(f"public.dataset: {self.public.dataset!r} is not declared")
         if self.algorithm.name == "fedmuscle" and self.public is None:
             raise ValueError("public: fedmuscle needs a [public] dataset section")
+        algorithm = self.algorithm
+        if (
+            isinstance(algorithm, FedMuscleConfig)
+            and algorithm.channel == "stream"
+            and self.messages_in_flight is not None
+            and self.messages_in_flight < len(self.clients)
+        ):
+            raise ValueError(
+                f"messages_in_flight: FedMuscle's stream needs every client in its handler at "
+                f"once, so at least {len(self.clients)} messages in flight (or unset)"
+            )
         return self
 
     # -- convenience -------------------------------------------------------------------
@@ -397,6 +439,101 @@ class Experiment(Strict):
         for client in self.clients:
             for task in client.tasks:
                 yield client.client_id, task
+
+
+# Keys of a client-group block that are not ClientConfig fields.
+GROUP_KEYS = ("count", "overrides")
+# Sections of a client entry an override merges into key by key (the rest it replaces).
+_MERGED_SECTIONS = ("model", "training")
+
+
+def member_id(group_id: str, index: int, count: int) -> str:
+    """The id of member ``index`` of a group of ``count`` clients (``worker-007``).
+
+    Zero-padded to at least three digits, wider when ``count`` needs it, so ids sort in
+    member order.
+    """
+    width = max(3, len(str(count - 1)))
+    return f"{group_id}-{index:0{width}d}"
+
+
+def expand_client_groups(entries: list[Any]) -> tuple[list[Any], list[str]]:
+    """Expand client groups (``count = n``) into their members, in file order.
+
+    A group block is a client template plus ``count`` (1 ≤ n) and optionally ``overrides``,
+    a table from member id to the fields that member changes; ``model`` and ``training``
+    merge key by key, anything else replaces the template's value. A member is then validated
+    exactly as a single client, and takes its partition of its dataset in file order, as a
+    single client at that position would.
+
+    Parameters
+    ----------
+    entries : list
+        The ``[[clients]]`` entries as parsed from TOML.
+
+    Returns
+    -------
+    clients : list
+        The entries with every group replaced by its members.
+    origins : list of str
+        For each returned client, where it comes from in the file: ``clients[i]`` for a
+        single client, ``clients[i] (member worker-007)`` for a group member; error messages
+        name the file's entry this way.
+
+    Raises
+    ------
+    ValueError
+        Naming the group's field (``clients[1].count``, ``clients[1].overrides``).
+    """
+    clients: list[Any] = []
+    origins: list[str] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not any(key in entry for key in GROUP_KEYS):
+            clients.append(entry)
+            origins.append(f"clients[{i}]")
+            continue
+        count = entry.get("count")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"clients[{i}].count: must be an integer >= 1 (got {count!r})")
+        group_id = entry.get("client_id")
+        if not isinstance(group_id, str):
+            raise ValueError(f"clients[{i}].client_id: a client group needs a string id")
+        overrides = entry.get("overrides", {})
+        if not isinstance(overrides, dict):
+            raise ValueError(f"clients[{i}].overrides: must be a table of member id → fields")
+        ids = [member_id(group_id, k, count) for k in range(count)]
+        unknown = sorted(set(overrides) - set(ids))
+        if unknown:
+            raise ValueError(
+                f"clients[{i}].overrides: {unknown} are not members of group {group_id!r} "
+                f"(its members are {ids[0]} … {ids[-1]})"
+            )
+        template = {k: v for k, v in entry.items() if k not in GROUP_KEYS}
+        for member in ids:
+            own = overrides.get(member, {})
+            if not isinstance(own, dict):
+                raise ValueError(f"clients[{i}].overrides.{member}: must be a table")
+            fixed = sorted(set(own) & {"client_id", *GROUP_KEYS})
+            if fixed:
+                raise ValueError(f"clients[{i}].overrides.{member}: cannot set {fixed}")
+            client = {**template, **own, "client_id": member}
+            for section in _MERGED_SECTIONS:
+                base, change = template.get(section), own.get(section)
+                if isinstance(base, dict) and isinstance(change, dict):
+                    client[section] = {**base, **change}
+            clients.append(client)
+            origins.append(f"clients[{i}] (member {member})")
+    return clients, origins
+
+
+def _relabel_clients(message: str, origins: list[str]) -> str:
+    """Replace expanded indices (``clients[37]``) by the file's entry, when groups moved them."""
+
+    def label(match: re.Match[str]) -> str:
+        index = int(match.group(1))
+        return origins[index] if index < len(origins) else match.group(0)
+
+    return re.sub(r"clients\[(\d+)\]", label, message)
 
 
 _ALGORITHM_ADAPTER: TypeAdapter[Any] = TypeAdapter(AlgorithmConfig)
@@ -467,16 +604,31 @@ def parse_experiment(
     ConfigError
         Naming the offending field, e.g. ``clients[1].tasks: unknown task 'dpeth'``.
     """
+    origins = _client_origins(data)
     try:
         experiment = Experiment.model_validate(data)
     except ValidationError as exc:
-        lines = _error_lines(exc)
-        raise ConfigError("invalid experiment file:\n  " + "\n  ".join(lines)) from None
+        message = "invalid experiment file:\n  " + "\n  ".join(_error_lines(exc))
+        raise ConfigError(_relabel_clients(message, origins)) from None
     if check_data:
-        _check_data(experiment, check_files=check_files)
-        if check_files:
-            check_paths(experiment)
+        try:
+            _check_data(experiment, check_files=check_files)
+            if check_files:
+                check_paths(experiment)
+        except ConfigError as exc:
+            raise ConfigError(_relabel_clients(str(exc), origins)) from None
     return experiment
+
+
+def _client_origins(data: Any) -> list[str]:
+    """Each validated client's entry in the file (see :func:`expand_client_groups`)."""
+    clients = data.get("clients") if isinstance(data, dict) else None
+    if not isinstance(clients, list):
+        return []
+    try:
+        return expand_client_groups(clients)[1]
+    except ValueError:
+        return []  # validation reports the group's own error
 
 
 def _check_data(experiment: Experiment, *, check_files: bool) -> None:

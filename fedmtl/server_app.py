@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import threading
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedmtl.clients.state import StateStore
 from fedmtl.config import Experiment, load_experiment, resolve_experiment, with_tracking
 from fedmtl.preflight import check_models
 from fedmtl.progress import LogLineObserver, render_text
@@ -58,8 +60,10 @@ def run_experiment(
     status = "FAILED"
     try:
         loop.run(resume=resume)
-        summarize(run_dir)
+        summary = summarize(run_dir)
         plot_runs({experiment.algorithm.name: run_dir}, run_dir.path / "metrics.png")
+        disk = tidy_client_state(run_dir, keep=experiment.state.keep)
+        run_dir.write_summary({**summary, "disk": disk})
         status = "FINISHED"
     except RunInterrupted:
         status = "KILLED"
@@ -68,6 +72,44 @@ def run_experiment(
         for line in tracked.finish(status):
             log.info("tracking: %s", line)
     return run_dir
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (0 if it does not exist)."""
+    if not path.exists():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def tidy_client_state(run_dir: RunDirectory, *, keep: bool) -> dict[str, int]:
+    """After a finished run: measure the run folder, then drop or prune ``<run>/clients/``.
+
+    The last round is checkpointed, so no resume can need a client's older versions: with
+    ``keep`` each client keeps only its newest; without, the folder goes (simulation; a
+    deployed node keeps its state under its own ``state-dir``, which is not this folder).
+
+    Returns
+    -------
+    dict
+        ``run_bytes`` (the whole folder at the end of the run), ``client_state_bytes`` and
+        ``checkpoint_bytes`` (its parts), and ``kept_bytes`` (the folder afterwards).
+    """
+    clients = run_dir.clients_dir
+    disk = {
+        "run_bytes": folder_bytes(run_dir.path),
+        "client_state_bytes": folder_bytes(clients),
+        "checkpoint_bytes": folder_bytes(run_dir.checkpoint_dir),
+    }
+    if clients.is_dir():
+        if keep:
+            last = run_dir.checkpoint_rounds()[-1:]
+            for folder in (p for p in clients.iterdir() if p.is_dir()):
+                if last:
+                    StateStore(folder).commit(last[0])
+        else:
+            shutil.rmtree(clients, ignore_errors=True)
+    disk["kept_bytes"] = folder_bytes(run_dir.path)
+    return disk
 
 
 def resolve_experiment_path(value: str) -> Path:

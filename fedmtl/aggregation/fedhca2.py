@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -21,6 +21,8 @@ from fedmtl.aggregation.hyper_weights import (
 # between the subtraction and the matmuls that consume it. GPUs want far larger launches.
 _CHUNK_ELEMENTS = {"cpu": 1 << 18}
 _CHUNK_ELEMENTS_OTHER = 1 << 26
+
+Release = Callable[[], None]  # called after each chunk a pass has consumed
 
 
 @contextmanager
@@ -259,9 +261,13 @@ class FedHCA2State:
 
 
 def _update_chunks(
-    last: Tensor, local: Tensor, rows: Tensor | None
+    last: Tensor, local: Tensor, rows: Tensor | None, release: Release | None = None
 ) -> Iterator[tuple[slice, Tensor]]:
-    """Yield ``(columns, Δ)`` for column chunks of the present rows, in one reused workspace."""
+    """Yield ``(columns, Δ)`` for column chunks of the present rows, in one reused workspace.
+
+    ``release`` is called after each chunk is consumed (memory-mapped buffers drop the pages
+    the chunk touched: see :mod:`fedmtl.aggregation.spill`).
+    """
     n = last.shape[0] if rows is None else rows.numel()
     d = last.shape[1]
     per_chunk = _CHUNK_ELEMENTS.get(last.device.type, _CHUNK_ELEMENTS_OTHER)
@@ -277,16 +283,27 @@ def _update_chunks(
                 local[:, cols].index_select(0, rows), last[:, cols].index_select(0, rows), out=delta
             )
         yield cols, delta
+        if release is not None:
+            release()
 
 
 def _encoder_statistics(
-    last: Tensor, local: Tensor, rows: Tensor | None, direction: Tensor | None
+    last: Tensor,
+    local: Tensor,
+    rows: Tensor | None,
+    direction: Tensor | None,
+    release: Release | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """First pass: Gram matrix of the updates and their dots with ``direction`` (float64)."""
+    """First pass: Gram matrix of the updates and their dots with ``direction`` (float64).
+
+    Blockwise: one column chunk of ``Δ`` at a time, each chunk's ``[n, n]`` product summed in
+    float64, so ``Δ`` is never materialised whole (nor read whole into RAM when the buffers
+    are memory-mapped).
+    """
     n = last.shape[0] if rows is None else rows.numel()
     gram = torch.zeros(n, n, dtype=torch.float64, device=last.device)
     dots = None if direction is None else torch.zeros(n, dtype=torch.float64, device=last.device)
-    for cols, delta in _update_chunks(last, local, rows):
+    for cols, delta in _update_chunks(last, local, rows, release):
         gram += (delta @ delta.T).double()  # float64 accumulation across chunks
         if dots is not None and direction is not None:
             dots += (delta @ direction[cols]).double()
@@ -294,12 +311,17 @@ def _encoder_statistics(
 
 
 def _encoder_apply(
-    last: Tensor, local: Tensor, rows: Tensor | None, mixing: Tensor, direction: Tensor
+    last: Tensor,
+    local: Tensor,
+    rows: Tensor | None,
+    mixing: Tensor,
+    direction: Tensor,
+    release: Release | None = None,
 ) -> None:
     """Second pass: ``last[rows] += mixing[:-1] @ Δ`` and ``direction = mixing[-1] @ Δ``."""
     n = mixing.shape[1]
     out: Tensor | None = None
-    for cols, delta in _update_chunks(last, local, rows):
+    for cols, delta in _update_chunks(last, local, rows, release):
         if out is None:
             out = torch.empty(
                 mixing.shape[0] * delta.shape[1], dtype=last.dtype, device=last.device
@@ -322,6 +344,7 @@ def fedhca2_round(
     present: Tensor | None = None,
     c: float = 0.4,
     rescale: int = 1,
+    release: Release | None = None,
 ) -> tuple[Tensor, list[dict[str, Tensor]], FedHCA2State]:
     """Run one FedHCA² aggregation; ``state`` is updated in place and returned.
 
@@ -359,6 +382,10 @@ def fedhca2_round(
         CAGrad constant (``ca_c``).
     rescale : int
         CAGrad rescaling (see :func:`~fedmtl.aggregation.conflict_averse.rescale_divisor`).
+    release : callable, optional
+        Called after every column chunk of the two passes; memory-mapped ``[N, d]`` buffers
+        (:class:`~fedmtl.aggregation.spill.SpilledMatrix`) drop their resident pages there, so
+        the round's RAM is a chunk, not the buffers. The arithmetic is the same either way.
 
     Returns
     -------
@@ -370,7 +397,9 @@ def fedhca2_round(
         The same object, holding ``U`` and ``XA`` of this round for the next hyper-weight step.
     """
     with _one_cpu_thread(state.encoder_last.device):
-        return _round(state, encoder_local, decoders_local, group_keys, present, c, rescale)
+        return _round(
+            state, encoder_local, decoders_local, group_keys, present, c, rescale, release
+        )
 
 
 def _round(
@@ -381,6 +410,7 @@ def _round(
     present: Tensor | None,
     c: float,
     rescale: int,
+    release: Release | None = None,
 ) -> tuple[Tensor, list[dict[str, Tensor]], FedHCA2State]:
     last = state.encoder_last
     n = last.shape[0]
@@ -399,7 +429,7 @@ def _round(
     decoder_updates = {k: _decoder_update(state, decoders_local[k], k) for k in active}
 
     # 1. Hyper weights, from U/XA of the previous round and this round's updates.
-    gram, dots = _encoder_statistics(last, encoder_local, rows, state.direction)
+    gram, dots = _encoder_statistics(last, encoder_local, rows, state.direction, release)
     hyper = state.hyper
     alpha_gradient = torch.zeros_like(hyper.alpha)
     if dots is not None:
@@ -427,7 +457,7 @@ def _round(
     direction = state.direction
     if direction is None or direction.shape != (last.shape[1],) or direction.dtype != last.dtype:
         direction = torch.empty(last.shape[1], dtype=last.dtype, device=last.device)
-    _encoder_apply(last, encoder_local, rows, mixing, direction)
+    _encoder_apply(last, encoder_local, rows, mixing, direction, release)
     state.direction = direction
     state.direction_clients = present.clone()
 

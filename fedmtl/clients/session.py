@@ -30,6 +30,7 @@ from fedmtl.models.multitask import shared_parameters
 from fedmtl.seeding import derive_seed
 
 MODEL_PREFIX = "model."
+STORED = {"bfloat16": torch.bfloat16, "float16": torch.float16}  # [state] dtype → torch
 EXTRA_PREFIX = "extra."
 
 
@@ -80,7 +81,8 @@ class ClientSession:
         self.index = experiment.client_index(client_id)
         self.tasks = build_tasks(experiment, self.client)
         self.device = resolve_device(experiment.device)
-        self.state = StateStore(state_dir)
+        stored = experiment.state.dtype
+        self.state = StateStore(state_dir, dtype=None if stored == "float32" else STORED[stored])
         self.data_root = data_root
         self.stream_ca = stream_ca
         self._splits: dict[str, SampleSet] = {}

@@ -88,6 +88,9 @@ class Reply:
 
 
 Validator = Callable[[ClientInfo, Reply], None]
+# Called with each good reply as it arrives (client id, reply); True: the callee folded the
+# reply's tensors in, and the loop drops them instead of holding every upload to the end.
+ReplyHandler = Callable[[str, Reply], bool]
 
 
 class Federation(Protocol):
@@ -107,8 +110,14 @@ class Federation(Protocol):
         """The config entries every message to ``client_id`` carries."""
         ...
 
-    def train_phase(self, round_: int, clients: list[ClientInfo]) -> dict[str, Reply]:
-        """Send ``train`` with the strategy's tensors; return the validated good replies."""
+    def train_phase(
+        self, round_: int, clients: list[ClientInfo], on_reply: ReplyHandler | None = None
+    ) -> dict[str, Reply]:
+        """Send ``train`` with the strategy's tensors; return the validated good replies.
+
+        ``on_reply`` sees each good reply as it arrives (with its upload plan set); when it
+        returns True the returned reply keeps its metrics but not its tensors.
+        """
         ...
 
     def exchange(
@@ -118,6 +127,7 @@ class Federation(Protocol):
         message_type: str,
         contents: Mapping[str, RecordDict],
         validate: Validator | None = None,
+        on_reply: ReplyHandler | None = None,
     ) -> dict[str, Reply]:
         """Send one message per client; return the good replies (failures are recorded)."""
         ...

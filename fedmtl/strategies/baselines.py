@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from fedmtl.aggregation.fedavg import weighted_average
+from fedmtl.aggregation.fedavg import RunningAverage
 from fedmtl.strategies.base import (
     ClientInfo,
     Federation,
@@ -38,6 +38,9 @@ class GroupAveraging(Strategy):
         super().__init__(*args, **kwargs)
         self.global_groups: dict[str, dict[str, Tensor]] = {}  # group key → averaged tensors
         self.holders: dict[str, int] = {}  # group key → how many known clients hold it
+        # The round being folded: group key → its running average (None between rounds).
+        self._sums: dict[str, RunningAverage] | None = None
+        self._round = 0
 
     def train_arrays(self, round_: int, client: ClientInfo) -> dict[str, Tensor]:
         """The client's groups as averaged in the previous round (none in round 1).
@@ -53,9 +56,20 @@ class GroupAveraging(Strategy):
         return out
 
     def run_round(self, federation: Federation, round_: int, clients: list[ClientInfo]) -> None:
-        """Count who holds each group (decides what is uploaded), then FedAvg's round."""
+        """Count who holds each group (decides what is uploaded), then FedAvg's round.
+
+        Replies fold into running sums as they arrive (:meth:`fold`): the server holds one
+        float64 accumulator per group, not every upload until the phase ends.
+        """
         self._count_holders(federation.clients)
-        super().run_round(federation, round_, clients)
+        self.start_round(round_, clients)
+
+        def fold(client_id: str, reply: Reply) -> bool:
+            return self.fold(round_, reply, federation.clients[client_id])
+
+        replies = federation.train_phase(round_, clients, on_reply=fold)
+        server_metrics = self.aggregate(round_, replies, federation.clients)
+        federation.record_server(round_, server_metrics)
 
     def _count_holders(self, clients: Mapping[str, ClientInfo]) -> None:
         self.holders = {}
@@ -76,28 +90,73 @@ class GroupAveraging(Strategy):
             if self.holders.get(client.group_key(group), 0) >= 2
         ]
 
+    def start_round(self, round_: int, clients: list[ClientInfo]) -> None:
+        """Open one running average per group key the round's participants will upload.
+
+        Each is told the weight total it should see (the planned uploaders' training examples
+        from ``describe``), so replies fold in as they arrive and the result equals
+        :func:`~fedmtl.aggregation.fedavg.weighted_average` over the same replies bit for bit
+        (see :class:`~fedmtl.aggregation.fedavg.RunningAverage`).
+        """
+        expected: dict[str, float] = {}
+        for info in clients:
+            planned = self.upload_groups(info)
+            for group in info.group_specs(self.shares):
+                if planned is None or group in planned:
+                    key = info.group_key(group)
+                    expected[key] = expected.get(key, 0.0) + float(info.num_train)
+        self._round = round_
+        self._sums = {key: RunningAverage(total or None) for key, total in expected.items()}
+
+    def fold(self, round_: int, reply: Reply, info: ClientInfo) -> bool:
+        """Add one good ``train`` reply to the round's running averages.
+
+        Returns ``True``: the reply's tensors are folded in and need not be kept.
+        """
+        if self._sums is None or self._round != round_:
+            self._sums, self._round = {}, round_
+        weight = float(reply.metrics["num-examples"])
+        uploaded = reply.upload_groups
+        for group, specs in info.group_specs(self.shares).items():
+            if uploaded is not None and group not in uploaded:
+                continue
+            key = info.group_key(group)
+            if key not in self._sums:  # not planned (a direct fold): plain running sum
+                self._sums[key] = RunningAverage()
+            self._sums[key].add({name: reply.arrays[name] for name in specs}, weight)
+        return True
+
     def aggregate(
         self, round_: int, replies: Mapping[str, Reply], clients: Mapping[str, ClientInfo]
     ) -> dict[str, float]:
         """Weighted (by training examples) average per group key among repliers.
 
-        Each reply carries the groups it was asked for (the round's upload plan).
+        Each reply carries the groups it was asked for (the round's upload plan). In a round
+        run by :meth:`run_round` the replies were folded as they arrived (:meth:`fold`) and
+        carry no tensors; called on its own, it folds ``replies`` here, in their order.
         """
-        members: dict[str, list[tuple[dict[str, Tensor], float]]] = {}
-        for client_id, reply in replies.items():
-            info = clients[client_id]
-            weight = float(reply.metrics["num-examples"])
-            uploaded = reply.upload_groups
-            for group, specs in info.group_specs(self.shares).items():
-                if uploaded is not None and group not in uploaded:
-                    continue
-                tensors = {name: reply.arrays[name] for name in specs}
-                members.setdefault(info.group_key(group), []).append((tensors, weight))
-        for key, entries in members.items():
-            self.global_groups[key] = weighted_average(
-                [t for t, _ in entries], [w for _, w in entries]
-            )
-        return {"groups": float(len(members))}
+        if self._sums is None or self._round != round_:
+            sums: dict[str, list[tuple[dict[str, Tensor], float]]] = {}
+            for client_id, reply in replies.items():
+                info = clients[client_id]
+                uploaded = reply.upload_groups
+                for group, specs in info.group_specs(self.shares).items():
+                    if uploaded is None or group in uploaded:
+                        tensors = {name: reply.arrays[name] for name in specs}
+                        weight = float(reply.metrics["num-examples"])
+                        sums.setdefault(info.group_key(group), []).append((tensors, weight))
+            # The exact total up front, as weighted_average normalises: bit-identical to it.
+            self._round = round_
+            self._sums = {}
+            for key, entries in sums.items():
+                running = self._sums[key] = RunningAverage(sum(w for _, w in entries) or None)
+                for tensors, weight in entries:
+                    running.add(tensors, weight)
+        done = {key: running for key, running in self._sums.items() if running.count}
+        for key, running in done.items():
+            self.global_groups[key] = running.result()
+        self._sums = None
+        return {"groups": float(len(done))}
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Every group average, namespaced by group key."""

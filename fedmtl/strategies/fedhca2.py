@@ -42,7 +42,10 @@ the freshly personalised tensors (``evaluate_arrays`` = next round's ``train_arr
 Server state (checkpointed every round, so ``--resume`` continues exactly): θ^last of every
 encoder as one ``[N, d]`` buffer and of every decoder, α, β and their momentum buffers, ``U`` and
 ``XA`` of the last aggregation, and which clients' θ^last is known. It lives on the CPU; the
-server also holds a second ``[N, d]`` buffer for the uploaded encoders.
+server also holds a second ``[N, d]`` buffer for the uploaded encoders, into which each reply
+is copied as it arrives. When the two buffers exceed ``memory_budget_mb`` they live in a
+memory-mapped file (:class:`~fedmtl.aggregation.spill.SpilledMatrix`) and every pass over them
+releases its pages chunk by chunk: the same arithmetic, bit for bit, in bounded RAM.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from fedmtl.aggregation.fedhca2 import (
     flatten_states,
     unflatten_state,
 )
+from fedmtl.aggregation.spill import SpilledMatrix
 from fedmtl.aggregation.two_tier import check_single_encoder_architecture
 from fedmtl.config import ClientConfig, Experiment
 from fedmtl.messages import TensorSpec
@@ -137,6 +141,11 @@ class FedHCA2(Strategy):
         self.layout = FlatLayout((), ())  # the encoder's, set with the state
         self.known = torch.zeros(len(self.order), dtype=torch.bool)  # θ^last received?
         self._local: Tensor | None = None  # [N, d] uploaded encoders, reused every round
+        self._spilled: list[SpilledMatrix] = []  # θ^last and uploads, when over the budget
+        # The round being folded: who replied, their decoders (see fold).
+        self._round = 0
+        self._present = torch.zeros(len(self.order), dtype=torch.bool)
+        self._decoders_local: list[dict[str, Tensor] | None] = []
         self._pending: dict[str, Tensor] | None = None  # checkpoint loaded before prepare()
 
     @property
@@ -211,8 +220,16 @@ class FedHCA2(Strategy):
             }
             initial_decoders.append(placeholders(specs))
         dtype = next(iter(reference.values())).dtype
+        n, d = len(self.order), self.layout.numel
+        size = 2 * n * d * torch.empty(0, dtype=dtype).element_size()  # θ^last and uploads
+        budget = hyper.memory_budget_mb
+        if budget is not None and size > budget * 2**20:
+            self._spilled = [SpilledMatrix(n, d, dtype, hyper.spill_dir) for _ in range(2)]
+            last, self._local = (m.tensor for m in self._spilled)
+        else:
+            last, self._local = torch.zeros(n, d, dtype=dtype), torch.zeros(n, d, dtype=dtype)
         self._state = FedHCA2State.initial(
-            torch.zeros(len(self.order), self.layout.numel, dtype=dtype),
+            last,
             initial_decoders,
             [self.index[cid] for cid, _ in self.decoders],
             init=hyper.alpha_init,
@@ -290,45 +307,90 @@ class FedHCA2(Strategy):
                 )
 
     def run_round(self, federation: Federation, round_: int, clients: list[ClientInfo]) -> None:
-        """Check what every known client announced (building the state once), then train."""
+        """Check what every known client announced (building the state once), then train.
+
+        Each reply's encoder is written into its row of the uploads buffer as it arrives
+        (:meth:`fold`), so the server holds the ``[N, d]`` buffer, not N uploads besides it.
+        """
         self.prepare(federation.clients)
-        super().run_round(federation, round_, clients)
+        self._begin(round_)
+
+        def fold(client_id: str, reply: Reply) -> bool:
+            return self.fold(round_, client_id, reply)
+
+        replies = federation.train_phase(round_, clients, on_reply=fold)
+        federation.record_server(round_, self.aggregate(round_, replies, federation.clients))
+
+    def _begin(self, round_: int) -> None:
+        self._round = round_
+        self._present = torch.zeros(len(self.order), dtype=torch.bool)
+        self._decoders_local = [None] * len(self.decoders)
+
+    def fold(self, round_: int, client_id: str, reply: Reply) -> bool:
+        """Take one good reply: its start point if new, its encoder row and its decoders.
+
+        Returns ``True``: the reply's tensors are copied in (decoders are kept by reference),
+        so the loop need not keep them.
+        """
+        if self._round != round_:
+            self._begin(round_)
+        state = self.state
+        i = self.index[client_id]
+        if not bool(self.known[i]):
+            start = {
+                name.removeprefix(START_PREFIX): tensor
+                for name, tensor in reply.arrays.items()
+                if name.startswith(START_PREFIX)
+            }
+            flatten_states([start], self.layout, out=state.encoder_last[i : i + 1])
+            for k in self.client_decoders[client_id]:
+                state.decoders_last[k] = self._decoder(k, start, clone=True)
+            self.known[i] = True
+        assert self._local is not None
+        flatten_states([reply.arrays], self.layout, out=self._local[i : i + 1])
+        self._release()
+        for k in self.client_decoders[client_id]:
+            self._decoders_local[k] = self._decoder(k, reply.arrays)
+        self._present[i] = True
+        return True
 
     def aggregate(
         self, round_: int, replies: Mapping[str, Reply], clients: Mapping[str, ClientInfo]
     ) -> dict[str, float]:
-        """Learn new start points, then run one FedHCA² aggregation over the repliers."""
+        """Learn new start points, then run one FedHCA² aggregation over the repliers.
+
+        In a round run by :meth:`run_round` the replies were folded as they arrived; called
+        on its own, it folds ``replies`` first.
+        """
         state = self.state
-        if self._local is None:
-            self._local = torch.zeros_like(state.encoder_last)
-        present = torch.zeros(len(self.order), dtype=torch.bool)
-        decoders_local: list[dict[str, Tensor] | None] = [None] * len(self.decoders)
-        for client_id, reply in replies.items():
-            i = self.index[client_id]
-            if not bool(self.known[i]):
-                start = {
-                    name.removeprefix(START_PREFIX): tensor
-                    for name, tensor in reply.arrays.items()
-                    if name.startswith(START_PREFIX)
-                }
-                flatten_states([start], self.layout, out=state.encoder_last[i : i + 1])
-                for k in self.client_decoders[client_id]:
-                    state.decoders_last[k] = self._decoder(k, start, clone=True)
-                self.known[i] = True
-            flatten_states([reply.arrays], self.layout, out=self._local[i : i + 1])
-            for k in self.client_decoders[client_id]:
-                decoders_local[k] = self._decoder(k, reply.arrays)
-            present[i] = True
+        if self._round != round_:
+            self._begin(round_)
+            for client_id, reply in replies.items():
+                self.fold(round_, client_id, reply)
+        assert self._local is not None
+        present = self._present
         fedhca2_round(
             state,
             self._local,
-            decoders_local,
+            self._decoders_local,
             self.group_keys,
             present=present,
             c=self.hyper.ca_c,
             rescale=self.hyper.rescale,
+            release=self._release if self._spilled else None,
         )
+        self._release()
+        self._round, self._decoders_local = 0, []  # the next call starts a new round
         return self.metrics(present)
+
+    def _release(self) -> None:
+        """Drop the resident pages of memory-mapped buffers (nothing when in RAM)."""
+        for matrix in self._spilled:
+            matrix.release()
+
+    def close(self) -> None:
+        """Unmap the memory-mapped buffers, if any."""
+        self._spilled = []
 
     def _decoder(
         self, k: int, tensors: Mapping[str, Tensor], clone: bool = False

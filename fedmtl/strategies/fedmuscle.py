@@ -52,6 +52,11 @@ tensor is ever built, in any protocol). ``loss = "infonce"`` is the Muscle loss 
 ``tau_prev = tau`` (pairwise InfoNCE) in every protocol; ``loss = "gram"`` (GRAM's τ = 0.07)
 needs the raw peer vectors and hence ``protocol = "peers"`` (checked at construction).
 
+Memory: with the ``batch`` schedule the server holds one public batch of representations at a
+time (``N·B·d`` floats, plus that batch's payloads), whatever the size of the public set; the
+``epoch`` schedule's single ``train.align`` per client carries every batch's payload, so it
+holds one epoch's (``N·|D|·d``).
+
 Validation and drop-outs: a representation reply must carry exactly the requested ``z/<b>``
 as finite float32 ``[B_b, d]``. A reply that fails (NaN, wrong shape) is logged and the client
 is left out of that batch (``batch`` schedule) or that contrastive epoch (``epoch``): it gets
@@ -206,6 +211,9 @@ class FedMuscle(Strategy):
                 anchor: {payload_key(batch, k): v for k, v in tensors.items()}
                 for anchor, tensors in built.items()
             }
+            # One public batch of representations at a time: this batch's go before the
+            # next batch's arrive (the payloads keep only what the protocol sends).
+            reps, built = {}, {}
             request = items[step + 1] if step + 1 < len(items) else None
             replies = self._align(state, epoch, payloads, request)
             if request is not None:

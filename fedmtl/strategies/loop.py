@@ -7,13 +7,14 @@ metrics.jsonl, per-round checkpoints and resume.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from flwr.app import Message, RecordDict
@@ -43,7 +44,7 @@ from fedmtl.messages import (
 )
 from fedmtl.results import RunDirectory
 from fedmtl.seeding import derive_seed
-from fedmtl.strategies.base import ClientInfo, Reply, Strategy, Validator
+from fedmtl.strategies.base import ClientInfo, Reply, ReplyHandler, Strategy, Validator
 
 log = logging.getLogger("fedmtl.server")
 
@@ -185,40 +186,54 @@ class FederatedLoop:
         message_type: str,
         contents: Mapping[str, RecordDict],
         validate: Validator | None = None,
+        on_reply: ReplyHandler | None = None,
     ) -> dict[str, Reply]:
         """Send one message per client and return the good replies by client id.
 
-        Failures (error replies, timeouts, wrong identity, failed validation) are logged,
-        recorded in the client's metrics row and left out.
+        Each reply is parsed and validated as it is pulled, and handed to ``on_reply`` if
+        given; when that returns True its tensors are dropped at once (the strategy folded
+        them in), so the server never holds every upload of a phase. Failures (error replies,
+        timeouts, wrong identity, failed validation) are logged, recorded in the client's
+        metrics row and left out.
         """
         sent: dict[str, str] = {}  # message id → client id
-        messages = []
-        for client_id, content in contents.items():
-            node = self.clients[client_id].node_id
-            messages.append(self._message(content, node, message_type))
-            self._row(round_, client_id)["bytes_down"] = self._row(round_, client_id).get(
-                "bytes_down", 0
-            ) + content_bytes(content)
-        start = time.perf_counter()
-        replies = self.send_and_receive(messages)
-        for message in messages:
-            sent[message.metadata.message_id] = self._client_of_node(message.metadata.dst_node_id)
+        client_of = {self.clients[c].node_id: c for c in contents}
+
+        def messages() -> Iterator[Message]:
+            # Built one by one as the window lets them go: with ``messages_in_flight`` the
+            # server holds that many messages' tensors, not one copy per client.
+            for client_id in contents:
+                content = contents[client_id]
+                row = self._row(round_, client_id)
+                row["bytes_down"] = row.get("bytes_down", 0) + content_bytes(content)
+                yield self._message(content, self.clients[client_id].node_id, message_type)
+
+        def pushed(batch: list[Message]) -> None:  # message ids exist once pushed
+            for message in batch:
+                sent[message.metadata.message_id] = client_of[message.metadata.dst_node_id]
+
         good: dict[str, Reply] = {}
-        for reply in replies:
-            addressed = sent.get(reply.metadata.reply_to_message_id)
-            if addressed is None:
-                continue
-            client_id = addressed
+
+        def handle(reply: Message) -> None:
+            client_id = sent.get(reply.metadata.reply_to_message_id)
+            if client_id is None:
+                return
             try:
                 parsed = self._parse(reply, client_id)
                 if validate is not None:
                     validate(self.clients[client_id], parsed)
             except ReplyError as exc:
                 self._fail(round_, client_id, phase, str(exc))
-                continue
+                return
             row = self._row(round_, client_id)
             row["bytes_up"] = row.get("bytes_up", 0) + content_bytes(reply.content)
+            if on_reply is not None and on_reply(client_id, parsed):
+                parsed.arrays, parsed.records = {}, {}
             good[client_id] = parsed
+
+        start = time.perf_counter()
+        window = self.experiment.messages_in_flight
+        self.send_and_receive(messages(), on_reply=handle, window=window, on_pushed=pushed)
         for client_id in contents:
             if client_id not in good and "error" not in self._row(round_, client_id):
                 self._fail(round_, client_id, phase, "no reply before the round timeout")
@@ -232,10 +247,22 @@ class FederatedLoop:
         ttl = self.experiment.round_timeout
         return Message(content, dst_node_id=node, message_type=message_type, ttl=ttl)
 
-    def send_and_receive(self, messages: Iterable[Message]) -> list[Message]:
+    def send_and_receive(
+        self,
+        messages: Iterable[Message],
+        on_reply: Callable[[Message], None] | None = None,
+        *,
+        window: int | None = None,
+        on_pushed: Callable[[list[Message]], None] | None = None,
+    ) -> list[Message]:
         """Push ``messages``, pull replies until all came or the round timeout passed.
 
-        Like ``Grid.send_and_receive``, but a set :attr:`stop` ends the wait at once.
+        Like ``Grid.send_and_receive``, but a set :attr:`stop` ends the wait at once. With
+        ``on_reply`` each reply is handed over as it is pulled and not kept (the returned list
+        is then empty): a phase's uploads need not all sit in memory at once. With ``window``
+        at most that many messages are in flight: ``messages`` (which may be a generator) is
+        drawn from as replies come back. ``on_pushed`` sees each pushed batch (message ids
+        are set by then).
 
         Raises
         ------
@@ -243,19 +270,38 @@ class FederatedLoop:
             When :attr:`stop` is set.
         """
         self._check_stop()
+        queue = iter(messages)
         # A list, not a set: replies then come in push order on grids that keep it, and
         # aggregation sums them in the same order every run (bitwise-equal results).
-        pending = list(self.grid.push_messages(messages))
+        pending: list[str] = []
+
+        def top_up() -> bool:
+            room = None if window is None else window - len(pending)
+            batch = list(queue) if room is None else list(itertools.islice(queue, max(room, 0)))
+            if not batch:
+                return False
+            pending.extend(self.grid.push_messages(batch))
+            if on_pushed is not None:
+                on_pushed(batch)
+            return True
+
+        top_up()
         deadline = time.monotonic() + self.experiment.round_timeout
         replies: list[Message] = []
         while pending:
             got = list(self.grid.pull_messages(pending))
-            replies.extend(got)
             answered = {reply.metadata.reply_to_message_id for reply in got}
+            if on_reply is None:
+                replies.extend(got)
+            else:
+                for reply in got:
+                    on_reply(reply)
+                del got
             pending = [message_id for message_id in pending if message_id not in answered]
+            more = top_up()
             if not pending or time.monotonic() >= deadline:
                 break
-            if self.stop.wait(POLL_SECONDS):
+            if not more and self.stop.wait(POLL_SECONDS):
                 self._check_stop()
         return replies
 
@@ -408,11 +454,14 @@ class FederatedLoop:
 
     # -- phases -----------------------------------------------------------------------
 
-    def train_phase(self, round_: int, clients: list[ClientInfo]) -> dict[str, Reply]:
+    def train_phase(
+        self, round_: int, clients: list[ClientInfo], on_reply: ReplyHandler | None = None
+    ) -> dict[str, Reply]:
         """Send ``train`` with each client's own tensors; validate and return good replies.
 
         The strategy's upload plan is asked once per client: it goes into the message, into
-        the reply's validation and onto the reply (:attr:`Reply.upload_groups`).
+        the reply's validation and onto the reply (:attr:`Reply.upload_groups`). ``on_reply``
+        sees each good reply, plan set, as it arrives (see :meth:`exchange`).
         """
         strategy = self.strategy
         contents = {}
@@ -428,9 +477,12 @@ class FederatedLoop:
             expected = strategy.expected_reply(client, plan[client.client_id])
             validate_tensors(reply.arrays, expected, client_id=client.client_id)
 
-        replies = self.exchange(round_, "train", TRAIN, contents, validate)
-        for client_id, reply in replies.items():
+        def arrived(client_id: str, reply: Reply) -> bool:
             reply.upload_groups = plan[client_id]
+            return on_reply(client_id, reply) if on_reply is not None else False
+
+        replies = self.exchange(round_, "train", TRAIN, contents, validate, arrived)
+        for client_id, reply in replies.items():
             metrics = {k: v for k, v in reply.metrics.items() if k != NUM_EXAMPLES}
             self.record_client(round_, client_id, metrics)
         return replies
