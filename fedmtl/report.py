@@ -107,6 +107,11 @@ def summarize(run: RunDirectory, reference: RunDirectory | None = None) -> dict[
         "mean_delta_vs_local_pct": None if math.isnan(mean_delta) else mean_delta,
         "clients": clients,
     }
+    previous = run.read_summary() if run.summary_path.exists() else None
+    if previous is not None and "disk" in previous:
+        # Measured once, when the run finished and its client state was tidied; summarising
+        # again (the CLI's table, `fedmtl report`, compare) must not lose it.
+        summary["disk"] = previous["disk"]
     run.write_summary(summary)
     return summary
 

@@ -120,3 +120,15 @@ def test_finished_run_reports_disk_and_removes_client_state(tmp_path: Path) -> N
     assert keep["kept_bytes"] == pytest.approx(
         fp32["kept_bytes"] + fp32["client_state_bytes"] / 2, rel=0.01
     )
+
+
+def test_summarising_again_keeps_the_disk_figures(tmp_path: Path) -> None:
+    """The CLI and ``fedmtl report`` re-summarise a finished run: ``disk`` must survive."""
+    from fedmtl.report import summarize
+
+    experiment = tiny_experiment("fedavg", rounds=1)
+    run_dir = simulate_in_process(experiment, RunDirectory.create(tmp_path, experiment))
+    disk = run_dir.read_summary()["disk"]  # type: ignore[index]
+    assert disk["client_state_bytes"] > 0
+    assert summarize(run_dir)["disk"] == disk
+    assert run_dir.read_summary()["disk"] == disk  # type: ignore[index]
