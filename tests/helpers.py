@@ -61,22 +61,28 @@ def tiny_experiment(algorithm: str = "fedavg", rounds: int = 4, **overrides: Any
 
 
 class StopAfter:
-    """An observer that raises after a given round (simulates a server killed mid-run)."""
+    """An observer that raises after a given round (simulates a server killed mid-run).
+
+    With ``phase`` it raises right after that phase of the round instead, before the round's
+    checkpoint (e.g. ``"train"``: the clients trained, the server died).
+    """
 
     class Stopped(RuntimeError):
         pass
 
-    def __init__(self, round_: int) -> None:
+    def __init__(self, round_: int, phase: str | None = None) -> None:
         self.round = round_
+        self.phase = phase
 
     def on_start(self, experiment: Experiment, first_round: int) -> None:
         pass
 
     def on_phase(self, round_: int, phase: str, done: int, total: int) -> None:
-        pass
+        if round_ == self.round and phase == self.phase:
+            raise StopAfter.Stopped(f"stopped after {phase} of round {round_}")
 
     def on_round_end(self, round_: int, rows: list[dict[str, Any]]) -> None:
-        if round_ == self.round:
+        if round_ == self.round and self.phase is None:
             raise StopAfter.Stopped(f"stopped after round {round_}")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from fedmtl.clients.state import StateStore
 from fedmtl.results import RunDirectory
 from fedmtl.simulation import run_in_process as simulate_in_process
-from tests.helpers import eval_rows, run_in_process, tiny_experiment
+from tests.helpers import StopAfter, eval_rows, run_in_process, tiny_experiment
 
 
 def test_compact_dtype_round_trips_to_each_tensors_own_dtype(tmp_path: Path) -> None:
@@ -61,32 +60,12 @@ def test_commit_keeps_what_a_repeated_round_needs(tmp_path: Path) -> None:
     assert store.rounds() == [3]
 
 
-class DieAfterTrain:
-    """The server dies in ``round_`` after the clients trained, before its checkpoint."""
-
-    class Died(RuntimeError):
-        pass
-
-    def __init__(self, round_: int) -> None:
-        self.round = round_
-
-    def on_start(self, experiment: Any, first_round: int) -> None:
-        pass
-
-    def on_phase(self, round_: int, phase: str, done: int, total: int) -> None:
-        if round_ == self.round and phase == "train":
-            raise DieAfterTrain.Died(round_)
-
-    def on_round_end(self, round_: int, rows: list[dict[str, Any]]) -> None:
-        pass
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_repeated_round_starts_from_the_state_before_it(dtype: str, tmp_path: Path) -> None:
     experiment = tiny_experiment("fedavg", rounds=4, state={"dtype": dtype})
     full, _ = run_in_process(experiment, tmp_path / "full")
-    with pytest.raises(DieAfterTrain.Died):
-        run_in_process(experiment, tmp_path / "died", observer=DieAfterTrain(3))
+    with pytest.raises(StopAfter.Stopped):  # the server dies after round 3's training
+        run_in_process(experiment, tmp_path / "died", observer=StopAfter(3, phase="train"))
     run_dir = RunDirectory(next((tmp_path / "died" / "tiny").iterdir()))
     assert run_dir.checkpoint_rounds() == [1, 2]
     for client in experiment.clients:  # round 3 trained but not committed
