@@ -83,16 +83,35 @@ def finished_run(experiment: Any, output: str) -> dict[str, Any] | None:
     from fedmtl.config import experiment_to_json
     from fedmtl.results import RunDirectory
 
-    wanted = experiment_to_json(experiment)
+    wanted = json.loads(experiment_to_json(experiment))
+    # Sections added to the experiment schema after a run was written are absent from its
+    # config.json; a run still counts when each such section is at its default (which is what
+    # the older code did), never when the experiment sets it. `hyperparameters` lists every
+    # algorithm's table; the run used only its own, already resolved into `algorithm`, so tables
+    # added for other algorithms do not make a finished run stale.
+    wanted.pop("hyperparameters", None)
+    inert = {key: wanted[key] for key in wanted if _at_default(experiment, key, wanted[key])}
     folder = Path(output) / experiment.name
     for path in sorted(folder.glob(f"*-{experiment.algorithm.name}*")):
         run = RunDirectory(path)
         timing = path / "wall_seconds.txt"
         if not (run.summary_path.exists() and timing.exists() and run.config_path.exists()):
             continue
-        if run.config_path.read_text(encoding="utf-8") == wanted:
+        written = json.loads(run.config_path.read_text(encoding="utf-8"))
+        written.pop("hyperparameters", None)
+        if {**inert, **written} == wanted:
             return {"path": str(path), "seconds": float(timing.read_text()), "reused": True}
     return None
+
+
+def _at_default(experiment: Any, key: str, value: Any) -> bool:
+    """Whether top-level section ``key`` of ``experiment`` (as JSON) holds the schema default."""
+    field = type(experiment).model_fields.get(key)
+    if field is None or field.is_required():
+        return False
+    default = field.get_default(call_default_factory=True)
+    dumped = default.model_dump(mode="json") if hasattr(default, "model_dump") else default
+    return bool(dumped == value)
 
 
 def _run(config: str, algorithm: str, seed: int, rounds: int | None, output: str) -> dict[str, Any]:
