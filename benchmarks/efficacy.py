@@ -24,7 +24,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -127,7 +127,7 @@ def _run(config: str, algorithm: str, seed: int, rounds: int | None, output: str
     return {"path": str(run_dir.path), "seconds": seconds}
 
 
-def mechanism(rows: list[Mapping[str, Any]]) -> dict[str, Any]:
+def mechanism(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """First and last round of the algorithm's own per-round signals (server metrics)."""
     by_round: dict[int, dict[str, float]] = {}
     for row in rows:
