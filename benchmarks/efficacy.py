@@ -80,38 +80,33 @@ def finished_run(experiment: Any, output: str) -> dict[str, Any] | None:
 
     The benchmark is long; rerunning it reuses what an interrupted invocation finished.
     """
-    from fedmtl.config import experiment_to_json
+    from fedmtl.config import experiment_from_json, experiment_to_json
     from fedmtl.results import RunDirectory
 
     wanted = json.loads(experiment_to_json(experiment))
-    # Sections added to the experiment schema after a run was written are absent from its
-    # config.json; a run still counts when each such section is at its default (which is what
-    # the older code did), never when the experiment sets it. `hyperparameters` lists every
-    # algorithm's table; the run used only its own, already resolved into `algorithm`, so tables
-    # added for other algorithms do not make a finished run stale.
+    # `hyperparameters` lists every algorithm's table; the run used only its own, already
+    # resolved into `algorithm`, so tables added for other algorithms do not make a finished run
+    # stale.
     wanted.pop("hyperparameters", None)
-    inert = {key: wanted[key] for key in wanted if _at_default(experiment, key, wanted[key])}
     folder = Path(output) / experiment.name
     for path in sorted(folder.glob(f"*-{experiment.algorithm.name}*")):
         run = RunDirectory(path)
         timing = path / "wall_seconds.txt"
         if not (run.summary_path.exists() and timing.exists() and run.config_path.exists()):
             continue
-        written = json.loads(run.config_path.read_text(encoding="utf-8"))
+        # Read through today's schema: fields added after the run was written take their
+        # defaults (what the older code did); a run whose file sets anything else differently,
+        # or no longer validates, does not count.
+        try:
+            written = json.loads(
+                experiment_to_json(experiment_from_json(run.config_path.read_text("utf-8")))
+            )
+        except ValueError:
+            continue
         written.pop("hyperparameters", None)
-        if {**inert, **written} == wanted:
+        if written == wanted:
             return {"path": str(path), "seconds": float(timing.read_text()), "reused": True}
     return None
-
-
-def _at_default(experiment: Any, key: str, value: Any) -> bool:
-    """Whether top-level section ``key`` of ``experiment`` (as JSON) holds the schema default."""
-    field = type(experiment).model_fields.get(key)
-    if field is None or field.is_required():
-        return False
-    default = field.get_default(call_default_factory=True)
-    dumped = default.model_dump(mode="json") if hasattr(default, "model_dump") else default
-    return bool(dumped == value)
 
 
 def _run(config: str, algorithm: str, seed: int, rounds: int | None, output: str) -> dict[str, Any]:
