@@ -21,6 +21,7 @@ from fedmtl.config import (
     TRACKER_NAMES,
     ConfigError,
     Experiment,
+    check_ray_address,
     load_experiment,
     resolve_experiment,
     with_algorithm,
@@ -90,6 +91,48 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _ray_address(text: str) -> str:
+    """Parse ``--ray-address``: a cluster's address, or ``local`` (argparse exits 2 naming it)."""
+    if text == "local":
+        return text
+    try:
+        return check_ray_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _with_cluster(experiment: Experiment, args: argparse.Namespace) -> Experiment:
+    """``[simulation]`` with ``--ray-address`` and ``--state-root`` applied.
+
+    ``--ray-address local`` drops the file's address (a private Ray instance). The in-process
+    engine runs no Ray: a file's address means nothing there and is dropped, said so.
+    """
+    updates: dict[str, Any] = {}
+    if args.ray_address is not None:
+        updates["ray_address"] = None if args.ray_address == "local" else args.ray_address
+    if getattr(args, "state_root", None) is not None:
+        updates["state_root"] = args.state_root
+    if args.engine == "inprocess" and experiment.simulation.ray_address is not None:
+        console.print(
+            f"note: --engine inprocess runs no Ray; simulation.ray_address "
+            f"{escape(experiment.simulation.ray_address)} is not used"
+        )
+        updates["ray_address"] = None
+    if not updates:
+        return experiment
+    simulation = experiment.simulation.model_copy(update=updates)
+    return experiment.model_copy(update={"simulation": simulation})
+
+
+_printed: set[str] = set()  # a comparison connects once per run: say each thing once
+
+
+def _say_once(line: str | None) -> None:
+    if line is not None and line not in _printed:
+        _printed.add(line)
+        console.print(escape(line), soft_wrap=True)
+
+
 def report_failures(experiment: Experiment, run_dir: Any) -> int:
     """Print the clients that failed a round; the exit code (1 if one never completed one)."""
     from fedmtl.results import client_failures
@@ -131,13 +174,34 @@ def _run_one(
     engine: str = "ray",
 ) -> Any:
     from fedmtl.results import RunDirectory
-    from fedmtl.simulation import run_in_process, simulate
+    from fedmtl.simulation import connect, run_in_process, simulate
 
-    run_dir = RunDirectory(resume_dir) if resume_dir else RunDirectory.create(output, experiment)
+    resume = resume_dir is not None
+    if engine != "ray":
+        run_dir = (
+            RunDirectory(resume_dir) if resume_dir else RunDirectory.create(output, experiment)
+        )
+        with _progress() as progress:
+            observer = RichObserver(progress, label or experiment.algorithm.name)
+            run_in_process(experiment, run_dir, resume=resume, observer=observer)
+        return run_dir
+    # Ray first: a cluster that cannot run the experiment is refused before the run folder.
+    connection = connect(experiment)
+    cluster = connection.address is not None
+    for line in connection.lines() if cluster else []:
+        _say_once(line)
+    try:
+        run_dir = (
+            RunDirectory(resume_dir) if resume_dir else RunDirectory.create(output, experiment)
+        )
+    except BaseException:
+        connection.close()
+        raise
     with _progress() as progress:
         observer = RichObserver(progress, label or experiment.algorithm.name)
-        run = simulate if engine == "ray" else run_in_process
-        run(experiment, run_dir, resume=resume_dir is not None, observer=observer)
+        simulate(experiment, run_dir, resume=resume, observer=observer, connection=connection)
+    if cluster:
+        _say_once(connection.placement_line())
     return run_dir
 
 
@@ -190,7 +254,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     if args.resume:
         run = RunDirectory(args.resume)
-        experiment = run.experiment()
+        experiment = _with_cluster(run.experiment(), args)
         preflight(experiment)
         run_dir = _run_one(
             experiment, str(run.path.parent.parent), resume_dir=args.resume, engine=args.engine
@@ -201,7 +265,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             experiment = with_algorithm(experiment, args.algorithm)
         if args.rounds is not None:
             experiment = experiment.model_copy(update={"rounds": args.rounds})
-        experiment = _tracking(experiment, args)
+        experiment = _with_cluster(_tracking(experiment, args), args)
         preflight(experiment)  # before the run folder exists: a bad file leaves nothing behind
         run_dir = _run_one(experiment, args.output or experiment.output_dir, engine=args.engine)
     summary = summarize(run_dir)
@@ -232,7 +296,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         updates["rounds"] = args.rounds
     if args.last_k is not None:
         updates["average_last_rounds"] = args.last_k
-    experiment = _tracking(experiment.model_copy(update=updates), args)
+    experiment = _with_cluster(_tracking(experiment.model_copy(update=updates), args), args)
     # Every algorithm's experiment is checked before the first one runs.
     preflight(experiment, variants=[with_algorithm(experiment, name) for name in algorithms])
     output = args.output or experiment.output_dir
@@ -315,6 +379,20 @@ def _add_engine(parser: argparse.ArgumentParser) -> None:
         default="ray",
         help="ray: Flower's simulation engine, clients in parallel actors (default); "
         "inprocess: the same apps and messages, clients one by one in this process (no start-up)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        type=_ray_address,
+        metavar="ADDRESS",
+        help="run on an existing Ray cluster: auto (the one `ray start` started here), "
+        "HOST:PORT or ray://HOST:PORT; fedmtl neither starts nor stops it. local: a private "
+        "Ray instance (default, or overrides the file's simulation.ray_address)",
+    )
+    parser.add_argument(
+        "--state-root",
+        metavar="DIR",
+        help="clients' personal state under DIR/<experiment>/<run folder name>/ instead of "
+        "<run folder>/clients (on a multi-node cluster: a path every node mounts)",
     )
 
 
@@ -428,6 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         and (args.track or args.mlflow_uri or args.wandb_mode)
     ):
         parser.error("--track/--mlflow-uri/--wandb-mode: a resumed run keeps its own tracking")
+    if args.command == "simulate" and args.resume and args.state_root is not None:
+        parser.error("--state-root: a resumed run keeps its own (its clients' state is there)")
+    if args.command in ("simulate", "compare") and args.engine == "inprocess" and args.ray_address:
+        parser.error("--ray-address: the in-process engine runs no Ray (use --engine ray)")
     from fedmtl.strategies.loop import FederationFailed, RunInterrupted
 
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from flwr.clientapp import ClientApp
 from fedmtl.clients import CLIENT_ALGORITHMS
 from fedmtl.clients.base import client_algorithm
 from fedmtl.clients.session import ClientSession, shared_specs
+from fedmtl.cluster import CHECK_STATE_ENV, check_state_root_visible
 from fedmtl.config import Experiment, experiment_from_json
 from fedmtl.messages import (
     CLIENT_ID,
@@ -113,7 +115,12 @@ def open_session(msg: Message, context: Context) -> tuple[ClientSession, dict[st
     if "state-dir" in node_config:
         state_dir = Path(str(node_config["state-dir"]))
     elif STATE_ROOT in config:
-        state_dir = Path(str(config[STATE_ROOT])) / client_id
+        root = Path(str(config[STATE_ROOT]))
+        if os.environ.get(CHECK_STATE_ENV):
+            # A Ray cluster's node that does not mount the folder would otherwise create an
+            # empty one and train this client from a fresh model, silently.
+            check_state_root_visible(root)
+        state_dir = root / client_id
     else:
         raise ValueError("no state directory: set state-dir in the node config")
     data_root = str(node_config["data-dir"]) if "data-dir" in node_config else None

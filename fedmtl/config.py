@@ -247,11 +247,47 @@ class PublicDatasetConfig(Strict):
     batch_size: int = Field(32, ge=2)
 
 
+# What ray.init(address=...) accepts for a running cluster: "auto", host:port, ray://host:port.
+_RAY_ADDRESS = re.compile(r"^(auto|(ray://)?([A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5}))$")
+
+
+def check_ray_address(value: str) -> str:
+    """``value`` if Ray can connect to it: ``auto``, ``host:port`` or ``ray://host:port``.
+
+    Raises
+    ------
+    ValueError
+        For anything else (``local`` included: a private instance is the default, no address).
+    """
+    match = _RAY_ADDRESS.match(value)
+    if match is None or (match.group(4) is not None and not 0 < int(match.group(4)) < 65536):
+        raise ValueError(
+            f"{value!r} is not the address of a Ray cluster: use 'auto' (the cluster `ray start` "
+            "started on this machine), 'host:port' or 'ray://host:port'; leave it out for a "
+            "private Ray instance"
+        )
+    return value
+
+
 class SimulationConfig(Strict):
-    """Flower simulation-engine resources per client."""
+    """Flower simulation-engine resources per client, and the Ray cluster to run on.
+
+    ``ray_address``: an existing Ray cluster (``auto``, ``host:port``, ``ray://host:port``);
+    fedmtl connects to it and neither starts nor stops Ray. Unset: a private Ray instance on
+    this machine. ``state_root``: where the clients keep personal state, as
+    ``<state_root>/<experiment>/<run folder name>/<client_id>``; on a multi-node cluster a
+    path every node mounts. Unset: ``<run folder>/clients``.
+    """
 
     num_cpus_per_client: int = Field(1, ge=1)
     num_gpus_per_client: float = Field(0.0, ge=0)
+    ray_address: str | None = None
+    state_root: str | None = Field(None, min_length=1)
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, value: str | None) -> str | None:
+        return None if value is None else check_ray_address(value)
 
 
 # --------------------------------------------------------------------------- tracking

@@ -57,6 +57,9 @@ def preflight(experiment: Experiment, *, variants: Iterable[Experiment] = ()) ->
 def check_machine(experiment: Experiment) -> None:
     """``device`` and the simulation's CPU/GPU requests against this machine.
 
+    With ``simulation.ray_address`` the requests are checked against the cluster when the
+    simulation connects (:func:`fedmtl.cluster.check_cluster`), not against this machine.
+
     Raises
     ------
     ConfigError
@@ -67,6 +70,15 @@ def check_machine(experiment: Experiment) -> None:
 
     cpus = os.cpu_count() or 1
     simulation = experiment.simulation
+    if simulation.ray_address is not None:
+        # The clients run on the cluster's nodes, not here: fedmtl.cluster checks its
+        # resources once connected. What holds on any machine is checked here.
+        if experiment.device.startswith("cuda") and simulation.num_gpus_per_client == 0:
+            raise ConfigError(
+                f"simulation.num_gpus_per_client: 0 hides the GPU from the simulated clients, "
+                f"which device = {experiment.device!r} needs; set it > 0"
+            )
+        return
     if simulation.num_cpus_per_client > cpus:
         raise ConfigError(
             f"simulation.num_cpus_per_client: {simulation.num_cpus_per_client} exceeds the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import sys
@@ -62,7 +63,8 @@ def run_experiment(
         loop.run(resume=resume)
         summary = summarize(run_dir)
         plot_runs({experiment.algorithm.name: run_dir}, run_dir.path / "metrics.png")
-        disk = tidy_client_state(run_dir, keep=experiment.state.keep)
+        clients = Path(state_root) if state_root is not None else None
+        disk = tidy_client_state(run_dir, keep=experiment.state.keep, clients=clients)
         run_dir.write_summary({**summary, "disk": disk})
         status = "FINISHED"
     except RunInterrupted:
@@ -81,12 +83,16 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def tidy_client_state(run_dir: RunDirectory, *, keep: bool) -> dict[str, int]:
+def tidy_client_state(
+    run_dir: RunDirectory, *, keep: bool, clients: Path | None = None
+) -> dict[str, int]:
     """After a finished run: measure the run folder, then drop or prune ``<run>/clients/``.
 
     The last round is checkpointed, so no resume can need a client's older versions: with
     ``keep`` each client keeps only its newest; without, the folder goes (simulation; a
     deployed node keeps its state under its own ``state-dir``, which is not this folder).
+    ``clients``: the run's personal-state folder when it is not ``<run>/clients`` (a
+    simulation's ``[simulation] state_root``); ``run_bytes`` then leaves it out.
 
     Returns
     -------
@@ -94,7 +100,7 @@ def tidy_client_state(run_dir: RunDirectory, *, keep: bool) -> dict[str, int]:
         ``run_bytes`` (the whole folder at the end of the run), ``client_state_bytes`` and
         ``checkpoint_bytes`` (its parts), and ``kept_bytes`` (the folder afterwards).
     """
-    clients = run_dir.clients_dir
+    clients = clients if clients is not None else run_dir.clients_dir
     disk = {
         "run_bytes": folder_bytes(run_dir.path),
         "client_state_bytes": folder_bytes(clients),
@@ -108,6 +114,9 @@ def tidy_client_state(run_dir: RunDirectory, *, keep: bool) -> dict[str, int]:
                     StateStore(folder).commit(last[0])
         else:
             shutil.rmtree(clients, ignore_errors=True)
+            if clients != run_dir.clients_dir:
+                with contextlib.suppress(OSError):  # <state_root>/<experiment>, if now empty
+                    clients.parent.rmdir()
     disk["kept_bytes"] = folder_bytes(run_dir.path)
     return disk
 
@@ -143,17 +152,27 @@ def make_server_app(
     observer: Observer | None = None,
     stop: threading.Event | None = None,
     done: threading.Event | None = None,
+    state_root: str | None = None,
 ) -> ServerApp:
     """A ServerApp bound to one experiment and run folder (``fedmtl simulate`` uses this).
 
-    ``done`` is set when the ServerApp returns or raises (its last file written).
+    ``done`` is set when the ServerApp returns or raises (its last file written);
+    ``state_root`` is the clients' personal-state folder (default ``<run>/clients``).
     """
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_experiment(grid, experiment, run_dir, resume=resume, observer=observer, stop=stop)
+            run_experiment(
+                grid,
+                experiment,
+                run_dir,
+                resume=resume,
+                observer=observer,
+                stop=stop,
+                state_root=state_root,
+            )
         finally:
             if done is not None:
                 done.set()

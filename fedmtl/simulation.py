@@ -1,4 +1,9 @@
-"""Run an experiment through Flower's simulation engine (Ray) in this process."""
+"""Run an experiment through Flower's simulation engine (Ray) in this process.
+
+The engine runs on a private Ray instance this process starts and stops, or, with
+``[simulation] ray_address``, on an existing Ray cluster it only connects to (what lives where
+then: :mod:`fedmtl.cluster`).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,30 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from fedmtl.config import Experiment, FedMuscleConfig
+from fedmtl.cluster import (
+    CHECK_STATE_ENV,
+    RayNode,
+    actor_placement,
+    actors_per_node,
+    check_cluster,
+    describe_pool,
+    live_nodes,
+    mark_state_root,
+    personal_state_dir,
+)
+from fedmtl.config import ConfigError, Experiment, FedMuscleConfig
 from fedmtl.results import RunDirectory
-from fedmtl.strategies.loop import Observer, RunInterrupted
+from fedmtl.strategies.loop import LogObserver, Observer, RunInterrupted
+
+log = logging.getLogger("fedmtl.simulation")
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -51,10 +71,18 @@ class _SilentWhileStopping(logging.Filter):
         return not self.stop.is_set()
 
 
+def _all_at_once(experiment: Experiment) -> bool:
+    """FedMuscle's stream: every client must be in a ClientApp at the same time."""
+    algorithm = experiment.algorithm
+    return isinstance(algorithm, FedMuscleConfig) and algorithm.channel == "stream"
+
+
 def backend_config(experiment: Experiment) -> dict[str, Any]:
     """Ray resources: ``num_cpus_per_client`` and ``num_gpus_per_client`` per virtual node.
 
-    With FedMuscle's stream every client needs an actor at the same time (see the body).
+    With FedMuscle's stream every client needs an actor at the same time (see the body). With
+    ``simulation.ray_address`` the init arguments only name the cluster: its nodes declare
+    their own resources, Flower sizes the pool from them, and :func:`connect` checks them.
 
     Raises
     ------
@@ -63,6 +91,14 @@ def backend_config(experiment: Experiment) -> dict[str, Any]:
         fail later with "ActorPool is empty").
     """
     sim = experiment.simulation
+    client_resources = {"num_cpus": sim.num_cpus_per_client, "num_gpus": sim.num_gpus_per_client}
+    if sim.ray_address is not None:
+        init_args: dict[str, Any] = {"address": sim.ray_address}
+        if not sim.ray_address.startswith("ray://"):
+            # Ray Client (ray://) forwards options it does not know to the cluster, with a
+            # warning; these two only shape this driver's log.
+            init_args.update(logging_level="ERROR", log_to_driver=True)
+        return {"client_resources": client_resources, "init_args": init_args}
     cpus = os.cpu_count() or 1
     if sim.num_cpus_per_client > cpus:
         raise RuntimeError(
@@ -70,13 +106,15 @@ def backend_config(experiment: Experiment) -> dict[str, Any]:
             "of this machine: no client could be scheduled"
         )
     clients = len(experiment.clients)
-    algorithm = experiment.algorithm
     # FedMuscle's stream runs one synchronous exchange per public batch: every client must be
     # in a ClientApp at the same time, so the actor pool must hold them all. Ray's CPU count is
     # a logical budget; declaring more than the cores lets the clients share them.
-    concurrent = isinstance(algorithm, FedMuscleConfig) and algorithm.channel == "stream"
+    concurrent = _all_at_once(experiment)
     logical_cpus = max(cpus, clients * sim.num_cpus_per_client) if concurrent else cpus
-    init_args: dict[str, Any] = {
+    init_args = {
+        # "local": a new instance even when RAY_ADDRESS is set or `ray start` left its address
+        # in /tmp/ray (without it Ray joins that cluster, and refuses num_cpus there).
+        "address": "local",
         "num_cpus": logical_cpus,
         "logging_level": "ERROR",
         "log_to_driver": True,
@@ -97,13 +135,7 @@ def backend_config(experiment: Experiment) -> dict[str, Any]:
                 f"{int(gpus / sim.num_gpus_per_client)}; set it to at most {gpus / clients:.3g}"
             )
         init_args["num_gpus"] = gpus
-    return {
-        "client_resources": {
-            "num_cpus": sim.num_cpus_per_client,
-            "num_gpus": sim.num_gpus_per_client,
-        },
-        "init_args": init_args,
-    }
+    return {"client_resources": client_resources, "init_args": init_args}
 
 
 @contextlib.contextmanager
@@ -125,32 +157,247 @@ def _sigint_ignored() -> Iterator[None]:
 
 
 def _start_ray(config: dict[str, Any]) -> None:
-    """``ray.init`` as Flower's Ray backend does it (which then reuses this instance)."""
+    """``ray.init`` as Flower's Ray backend does it (which then reuses this instance).
+
+    With a cluster's address Ray connects and starts nothing; the job's ClientApps then check
+    that they see the personal-state folder (``CHECK_STATE_ENV``).
+    """
     import ray
 
     if ray.is_initialized():
         return
     init_args = dict(config.get("init_args", {}))
-    init_args.setdefault("include_dashboard", False)
+    cluster = init_args.get("address", "local") != "local"
+    if not cluster:
+        init_args.setdefault("include_dashboard", False)
     # As Flower: Ray's workers inherit the environment, not this process's sys.path.
     pythonpath = os.pathsep.join(sys.path)
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
+    env_vars = {"PYTHONPATH": pythonpath}
+    if cluster:
+        env_vars[CHECK_STATE_ENV] = "1"
     with _sigint_ignored(), warnings.catch_warnings():
         # Ray's notice that a future version stops hiding GPUs from num_gpus=0 actors: the
         # current behaviour is the one fedmtl wants, the notice only cluttered every start.
         warnings.filterwarnings(
             "ignore", message="Tip: In future versions of Ray", category=FutureWarning
         )
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+        ray.init(runtime_env={"env_vars": env_vars}, **init_args)
 
 
 def _stop_ray() -> None:
+    """Shut the private instance down; from a cluster, Ray only disconnects (it runs on)."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+@dataclass
+class RayConnection:
+    """The Ray this process uses, private or a cluster's, and Flower's actor pool on it.
+
+    Attributes
+    ----------
+    address : str or None
+        The cluster's address; ``None`` for the private instance fedmtl started.
+    config : dict
+        Flower's backend config (``client_resources``, ``init_args``).
+    nodes : list of RayNode
+        The live nodes when connecting.
+    actors : list of int
+        How many actors Flower's pool places on each of ``nodes``.
+    placement : tuple of (list of RayNode, list of int), optional
+        Where this run's ClientApp actors are (Ray's actor table, read after each round);
+        ``None`` until read, and where Ray cannot tell (Ray Client).
+    """
+
+    address: str | None
+    config: dict[str, Any]
+    nodes: list[RayNode]
+    actors: list[int]
+    placement: tuple[list[RayNode], list[int]] | None = None
+
+    def lines(self) -> list[str]:
+        """What a run says when it starts: which Ray, and the actor pool per node."""
+        if self.address is None:
+            return [f"Ray: a private instance on this machine, {sum(self.actors)} actors"]
+        resources = self.config["client_resources"]
+        each = f"{resources['num_cpus']} CPU, {resources['num_gpus']:g} GPU each"
+        count = len(self.nodes)
+        return [
+            f"Ray: connected to the Ray cluster at {self.address}; fedmtl will not start or "
+            f"stop it ({count} live node{'s' if count != 1 else ''})",
+            f"Ray: pool of {describe_pool(self.nodes, self.actors)} ({each})",
+        ]
+
+    def placement_line(self) -> str | None:
+        """Where the actors ran, once known."""
+        if self.placement is None:
+            return None
+        return "Ray: " + describe_pool(*self.placement, verb=" ran")
+
+    def close(self) -> None:
+        """Stop the private instance, or disconnect from the cluster (which keeps running)."""
+        _stop_ray()
+
+
+def connect(experiment: Experiment) -> RayConnection:
+    """Start a private Ray instance, or connect to ``simulation.ray_address``; size the pool.
+
+    Call it before creating a run folder, so that a cluster that cannot run the experiment is
+    refused before anything is written; :func:`simulate` calls it when not given a connection.
+
+    Raises
+    ------
+    ConfigError
+        If the cluster cannot be reached, or cannot host a client as the experiment asks
+        (naming the field and the resource it lacks).
+    RuntimeError
+        If GPUs per client are requested but this machine has none (private instance).
+    """
+    for key, value in FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
+    config = backend_config(experiment)
+    sim = experiment.simulation
+    if sim.ray_address is not None:
+        _probe(sim.ray_address)
+    try:
+        _start_ray(config)
+    except ConnectionError as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"simulation.ray_address: cannot connect to {sim.ray_address}: {message}"
+        ) from None
+    import ray
+
+    try:
+        nodes = live_nodes(ray.nodes())
+        if sim.ray_address is None:
+            actors = actors_per_node(nodes, sim.num_cpus_per_client, sim.num_gpus_per_client)
+        else:
+            actors = check_cluster(
+                nodes,
+                sim,
+                clients=len(experiment.clients),
+                device=experiment.device,
+                all_at_once=_all_at_once(experiment),
+                driver_ip=_driver_ip(),
+            )
+    except BaseException:
+        _stop_ray()
+        raise
+    connection = RayConnection(sim.ray_address, config, nodes, actors)
+    for line in connection.lines():
+        log.info("%s", line)
+    return connection
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast when nothing listens at the cluster's address.
+
+    Ray retries an unreachable head for minutes (measured: still waiting after 5 min), which
+    reads as a hang; a TCP connection says in seconds whether a head is there. ``auto`` is
+    resolved as Ray does (``RAY_ADDRESS``, then the address ``ray start`` left on this machine).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``simulation.ray_address`` and what to start.
+    """
+    target = address
+    if address == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            target = canonicalize_bootstrap_address("auto") or ""
+        except Exception:
+            target = ""
+        if not target:
+            raise ConfigError(
+                "simulation.ray_address: 'auto' found no Ray cluster started on this machine "
+                "(`ray start --head`) and RAY_ADDRESS is not set"
+            )
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"simulation.ray_address: nothing answers at {target} ({exc}); start the head "
+            "there first (`ray start --head --port=...`)"
+        ) from None
+
+
+def _driver_ip() -> str | None:
+    """The driver's address in the Ray cluster; ``None`` where Ray cannot say (Ray Client)."""
+    try:
+        import ray
+
+        return str(ray.util.get_node_ip_address())
+    except Exception:
+        return None
+
+
+def _read_placement(nodes: list[RayNode]) -> tuple[list[RayNode], list[int]] | None:
+    """Where this job's ClientApp actors are, from Ray's actor table (the GCS; no dashboard).
+
+    ``None`` where the table cannot be read (Ray Client): the plan printed at the start stands.
+    """
+    try:
+        import ray
+        from ray._private.state import actors as actor_table
+
+        job = ray.get_runtime_context().get_job_id()
+        table = actor_table()
+    except Exception:
+        return None
+    return actor_placement((a for a in table.values() if a.get("JobID") == job), nodes)
+
+
+class _PlacementObserver:
+    """Pass every event on; after each round, note where the ClientApp actors run.
+
+    Read in the server thread while the pool is alive: Flower ends the actors, and the
+    connection, before ``run_simulation`` returns.
+    """
+
+    def __init__(self, inner: Observer, connection: RayConnection) -> None:
+        self.inner = inner
+        self.connection = connection
+
+    def on_start(self, experiment: Experiment, first_round: int) -> None:
+        self.inner.on_start(experiment, first_round)
+
+    def on_phase(self, round_: int, phase: str, done: int, total: int) -> None:
+        self.inner.on_phase(round_, phase, done, total)
+
+    def on_round_end(self, round_: int, rows: list[dict[str, Any]]) -> None:
+        placement = _read_placement(self.connection.nodes)
+        if placement is not None and placement[0]:
+            self.connection.placement = placement
+        self.inner.on_round_end(round_, rows)
+
+
+def state_dir_for(experiment: Experiment, run_dir: RunDirectory, *, resume: bool) -> str:
+    """The clients' personal-state folder of this run (absolute), prepared for a cluster.
+
+    Raises
+    ------
+    ConfigError
+        If a fresh run's folder under ``simulation.state_root`` already exists (another run's).
+    """
+    sim = experiment.simulation
+    directory = personal_state_dir(run_dir.path, sim.state_root)
+    if sim.state_root is not None and not resume and directory.exists():
+        raise ConfigError(
+            f"simulation.state_root: {directory} already holds another run's personal state"
+        )
+    if sim.ray_address is not None:
+        mark_state_root(directory)  # what each ClientApp checks it sees (cluster.py)
+    return str(directory)
 
 
 @contextlib.contextmanager
@@ -179,8 +426,19 @@ def simulate(
     *,
     resume: bool = False,
     observer: Observer | None = None,
+    connection: RayConnection | None = None,
 ) -> RunDirectory:
     """Run (or resume) ``experiment`` with one simulated SuperNode per client.
+
+    Parameters
+    ----------
+    experiment, run_dir, resume, observer
+        What to run, where its results go, whether to continue a stopped run, and who hears
+        of its progress.
+    connection : RayConnection, optional
+        From :func:`connect`, called before the run folder was created; by default this
+        function connects. Either way Ray is left (stopped, or disconnected from a cluster)
+        when the run ends; ``connection.placement`` then tells where the actors ran.
 
     Raises
     ------
@@ -189,18 +447,34 @@ def simulate(
         which ``fedmtl simulate --resume`` continues from the last finished round.
     FederationFailed
         If no client completed round 1 (the message lists each client's error).
+    ConfigError
+        If the Ray cluster cannot run the experiment (see :func:`connect`).
     """
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
-    config = backend_config(experiment)
     from flwr.simulation import run_simulation
 
     from fedmtl.client_app import app as client_app
     from fedmtl.server_app import make_server_app
 
+    if connection is None:
+        connection = connect(experiment)
+    try:
+        state_root = state_dir_for(experiment, run_dir, resume=resume)
+    except BaseException:
+        connection.close()
+        raise
+    if connection.address is not None:
+        observer = _PlacementObserver(observer or LogObserver(), connection)
     stop, done = threading.Event(), threading.Event()
     server_app = make_server_app(
-        experiment, run_dir, resume=resume, observer=observer, stop=stop, done=done
+        experiment,
+        run_dir,
+        resume=resume,
+        observer=observer,
+        stop=stop,
+        done=done,
+        state_root=state_root,
     )
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.setLevel(logging.WARNING)
@@ -210,14 +484,13 @@ def simulate(
     flwr_logger.addFilter(silent)
     interrupted = False
     try:
-        _start_ray(config)
         with _stop_on_sigint(stop), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=len(experiment.clients),
-                backend_config=config,
+                backend_config=connection.config,
             )
     except (KeyboardInterrupt, RunInterrupted):
         interrupted = True
@@ -226,8 +499,11 @@ def simulate(
         with _sigint_ignored():
             # the server's last write (metrics, checkpoint) finishes before Ray goes
             done.wait(timeout=30 if not done.is_set() and interrupted else 0)
-            _stop_ray()
+            connection.close()
         flwr_logger.removeFilter(silent)
+    line = connection.placement_line()
+    if line is not None:
+        log.info("%s", line)
     if interrupted:
         raise RunInterrupted(str(run_dir.path))
     if run_dir.read_summary() is None:
