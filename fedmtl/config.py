@@ -91,10 +91,11 @@ class FedAvgTaskConfig(Strict):
 class FedAMPConfig(Strict):
     """FedAMP: per-client cloud models by attention over parameter distance (Huang et al., 2021).
 
-    ``u_i = ξ_ii·θ_i + Σ_{j≠i} ξ_ij·θ_j`` with ``ξ_ij = alpha_k·exp(−d̄²_ij/sigma)/sigma``
-    (``d̄²``: squared distance per parameter) among architecture-equal groups; clients add
-    ``(lam/(2·alpha_k))·‖θ_i − u_i‖²`` ("Personalized Cross-Silo Federated Learning on Non-IID
-    Data", AAAI 2021).
+    ``u_i = ξ_ii·θ_i + Σ_{j≠i} ξ_ij·θ_j`` with ``ξ_ij = alpha_k·exp(−d̄²_ij/sigma)/sigma`` among
+    architecture-equal groups, ``d̄²`` the squared distance *per parameter* (so ``sigma`` and
+    ``alpha_k`` are per parameter too: no underflow for large models); clients add
+    ``(lam/2)·‖θ_i − u_i‖²``, i.e. the paper's ``λ/(2α_k)`` with ``lam = λ/α_k`` ("Personalized
+    Cross-Silo Federated Learning on Non-IID Data", AAAI 2021).
     """
 
     name: Literal["fedamp"] = "fedamp"

@@ -1,9 +1,12 @@
-"""FedAMP client: train the personalised model with ``(λ/(2α_k))·‖θ_i − u_i‖²``.
+"""FedAMP client: train the personalised model with ``(λ/2)·‖θ_i − u_i‖²``.
 
 The server (``fedmtl.strategies.fedamp``) sends the client's cloud model u_i under the
 state-dict names of the groups it shares with a peer. The client does **not** load it: FedAMP's
 model is personal, and u_i is only the target of the proximal pull (Huang et al., AAAI 2021,
-the client step ``argmin_θ F_i(θ) + λ/(2α_k)·‖θ − u_i‖²``). The pull is built with the
+the client step ``argmin_θ F_i(θ) + λ/(2α_k)·‖θ − u_i‖²``, run as local epochs of SGD/Adam
+on it). fedmtl's ``lam`` is the paper's ``λ/α_k``: the pull does not grow when α_k is made
+small to fit per-parameter distances (with the α_k = 1 of FedHCA²'s comparison both agree). The
+pull is built with the
 gradient-carrying :func:`~fedmtl.losses.proximal.proximal_term` (not from ``param.data``, whose
 regulariser would be a constant). Where no u_i came (round 1, a group with no partner) the
 target is the parameters the round starts from, u_i = θ_i by the formula. The evaluated model
@@ -34,8 +37,8 @@ class FedAMPClient(ClientAlgorithm):
     def extra_loss(
         self, received: Mapping[str, Tensor], config: Mapping[str, Any]
     ) -> Callable[[nn.Module], Tensor] | None:
-        """``(lam/(2·alpha_k))·‖θ − u‖²`` over the shared parameters (none when lam = 0)."""
-        coefficient = float(self.hyper.lam) / (2.0 * float(self.hyper.alpha_k))
+        """``(lam/2)·‖θ − u‖²`` over the shared parameters (none when lam = 0)."""
+        coefficient = float(self.hyper.lam) / 2.0
         if coefficient == 0:
             return None
         target: dict[str, Tensor] = {}

@@ -14,15 +14,16 @@ Per round:
 - Aggregation: for every group that received an upload, ξ over all its stored members
   (``attention_weights`` on ``‖θ_i − θ_j‖²/P``, log space, see the maths module).
 - Downlink (``train``): per group, u_i = Σ_j ξ_ij θ_j, the target of the client's pull
-  ``(λ/(2α_k))·‖θ_i − u_i‖²``; the client does not load it, it trains its own θ_i. Nothing is
+  ``(λ/2)·‖θ_i − u_i‖²``; the client does not load it, it trains its own θ_i. Nothing is
   sent for evaluation: each client evaluates its personalised model.
 - A group no other client holds (no partner) is neither uploaded nor sent: by the formula
   u_i = θ_i, and the client pulls toward the parameters it starts the round from, as FedProx's
   anchor does. Round 1 (no θ_j known yet) is the same.
 
-Server metrics, to watch the attention act: the mean self weight ξ_ii and peer weight ξ_ij
-(i ≠ j) over the groups aggregated this round, the mean per-parameter distance d̄², how many
-rows were capped, and each client's encoder self weight.
+Server metrics, to watch the attention act, for encoder groups (``fedamp/encoder/…``) and
+decoder groups (``fedamp/decoders/…``) apart: the mean self weight ξ_ii and peer weight ξ_ij
+(i ≠ j) over the groups aggregated this round, the mean per-parameter distance d̄²; how many
+rows were capped; and each client's encoder self weight.
 """
 
 from __future__ import annotations
@@ -112,9 +113,8 @@ class FedAMP(HolderCounting):
             for client_id, reply in replies.items():
                 self.fold(round_, reply, clients[client_id])
         hyper = self.hyper
-        self_weights: list[float] = []
-        peer_weights: list[float] = []
-        distances: list[float] = []
+        # encoder groups and decoder groups apart: their sizes and distances differ
+        pools: dict[str, dict[str, list[float]]] = {}
         capped = 0
         metrics: dict[str, float] = {}
         for key in sorted(self._touched):
@@ -128,19 +128,20 @@ class FedAMP(HolderCounting):
             if len(members) < 2:
                 continue
             off = ~torch.eye(len(members), dtype=torch.bool)
-            self_weights += xi.diagonal().tolist()
-            peer_weights += xi[off].tolist()
-            distances += (squared[off] / numel).tolist()
+            kind = "encoder" if key.startswith("encoder@") else "decoders"
+            pool = pools.setdefault(kind, {})
+            pool.setdefault("xi_self_mean", []).extend(xi.diagonal().tolist())
+            pool.setdefault("xi_peer_mean", []).extend(xi[off].tolist())
+            pool.setdefault("distance_mean", []).extend((squared[off] / numel).tolist())
             capped += int(rows_capped.sum())
-            if key.startswith("encoder@"):
+            if kind == "encoder":
                 for member, weight in zip(members, xi.diagonal().tolist()):
-                    metrics[f"fedamp/encoder_self_weight/{member}"] = weight
+                    metrics[f"fedamp/encoder/self_weight/{member}"] = weight
         self._touched = set()
-        if self_weights:
-            metrics["fedamp/xi_self_mean"] = sum(self_weights) / len(self_weights)
-            metrics["fedamp/xi_peer_mean"] = sum(peer_weights) / len(peer_weights)
-            metrics["fedamp/xi_peer_max"] = max(peer_weights)
-            metrics["fedamp/distance_mean"] = sum(distances) / len(distances)
+        for kind, pool in pools.items():
+            for name, values in pool.items():
+                metrics[f"fedamp/{kind}/{name}"] = sum(values) / len(values)
+        if pools:
             metrics["fedamp/capped_rows"] = float(capped)
         return metrics
 
