@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -175,18 +176,19 @@ def test_round_2_sends_each_client_its_cloud_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("table", "field"),
+    ("line", "field"),
     [("sigma = 0.0", "sigma"), ("alpha_k = -1.0", "alpha_k"), ("lam = -0.5", "lam")],
 )
 def test_bad_hyperparameters_exit_2_naming_the_field(
-    table: str, field: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    line: str, field: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = Path(__file__).resolve().parents[1]
     text = (root / "configs" / "fedhca2.toml").read_text()
     path = tmp_path / "bad.toml"
-    path.write_text(
-        text.replace("[simulation]", f"[hyperparameters.fedamp]\n{table}\n\n[simulation]")
-    )
+    head, marker, tail = text.partition("[hyperparameters.fedamp]")
+    assert marker  # the bundled file sets FedAMP's values; break one of them
+    tail = re.sub(rf"^{field} = .*$", line, tail, count=1, flags=re.MULTILINE)
+    path.write_text(head + marker + tail)
     assert main(["validate", str(path)]) == 2
     captured = capsys.readouterr()
     assert f"hyperparameters.fedamp.{field}" in (captured.out + captured.err).replace("\n", "")
