@@ -151,21 +151,20 @@ class FedAMP(HolderCounting):
         """Every stored θ_i and every group's ξ (group keys and members in the metadata)."""
         keys = sorted(self.models)
         tensors: dict[str, Tensor] = {}
-        members: dict[str, list[str]] = {}
+        members: dict[str, list[str]] = {}  # group key → ids of the stored θ_i, in slot order
+        xi_members: dict[str, list[str]] = {}  # group key → ξ's row and column order
         for k, key in enumerate(keys):
             members[key] = sorted(self.models[key])
             for m, client_id in enumerate(members[key]):
                 tensors.update(checkpoint_tensors(f"g{k}.{m}", self.models[key][client_id]))
             if key in self.xi:
-                order, xi = self.xi[key]
-                tensors[f"xi{k}/xi"] = xi
-                members[f"xi:{key}"] = order
-        return tensors, {"group_keys": keys, "members": members}
+                xi_members[key], tensors[f"xi{k}/xi"] = self.xi[key]
+        return tensors, {"group_keys": keys, "members": members, "xi_members": xi_members}
 
     def load_state_dict(self, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
         parts = split_checkpoint(tensors)
-        members = meta.get("members", {})
+        members, xi_members = meta.get("members", {}), meta.get("xi_members", {})
         self.models, self.xi = {}, {}
         for k, key in enumerate(meta.get("group_keys", [])):
             self.models[key] = {
@@ -173,4 +172,4 @@ class FedAMP(HolderCounting):
                 for m, client_id in enumerate(members.get(key, []))
             }
             if f"xi{k}" in parts:
-                self.xi[key] = (list(members[f"xi:{key}"]), parts[f"xi{k}"]["xi"])
+                self.xi[key] = (list(xi_members[key]), parts[f"xi{k}"]["xi"])
