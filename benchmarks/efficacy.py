@@ -4,7 +4,8 @@ Every algorithm runs on every bundled federation it applies to, once per seed; e
 metric is the mean of its last ``average_last_rounds`` evaluated rounds, Δ% is paired with the
 local run of the same seed, and the table gives the mean over seeds with a 95 % t-interval.
 Beside the Δ%, the JSON keeps each algorithm's own signal (FedMuscle's alignment loss against
-its chance level, M-Fed's encoder distances, FedHCA2's α), so a reader can see the mechanism act.
+its chance level, M-Fed's encoder distances, FedHCA2's α, FedAMP's ξ, MaT-FL's clusters), so a
+reader can see the mechanism act.
 
 Runs use fedmtl's in-process engine (the same ServerApp, ClientApp and message serialisation
 as the simulation engine, clients one after the other, no Ray start-up per run), ``--jobs``
@@ -36,11 +37,14 @@ sys.path.insert(0, str(ROOT))
 BASELINES = ["local", "fedavg", "fedprox", "fedper", "ditto"]
 # Which algorithms apply where: M-Fed and FedHCA2 mix encoders across every client, so they need
 # one encoder architecture (not the quickstart's ViT-Tiny/ViT-Small/ResNet mix); FedMuscle needs
-# a public dataset ([public]), which only its own federation declares.
+# a public dataset ([public]), which only its own federation declares. FedHCA2's and M-Fed's
+# comparison baselines (FedAMP, MaT-FL, per-task FedAvg) run on those two federations, where
+# the papers' tables are reproduced (on the quickstart, per-task FedAvg finds no task group).
+COMPARISON = ["fedavg_task", "fedamp", "matfl"]
 FEDERATIONS: dict[str, tuple[str, list[str]]] = {
     "quickstart": ("configs/quickstart.toml", BASELINES),
-    "mfed": ("configs/mfed.toml", [*BASELINES, "mfed", "fedhca2"]),
-    "fedhca2": ("configs/fedhca2.toml", [*BASELINES, "mfed", "fedhca2"]),
+    "mfed": ("configs/mfed.toml", [*BASELINES, *COMPARISON, "mfed", "fedhca2"]),
+    "fedhca2": ("configs/fedhca2.toml", [*BASELINES, *COMPARISON, "mfed", "fedhca2"]),
     "fedmuscle": ("configs/fedmuscle.toml", ["local", "fedavg", "fedper", "fedmuscle"]),
 }
 

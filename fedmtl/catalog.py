@@ -8,7 +8,19 @@ these names, so the schema and the code that runs it cannot drift apart
 
 from __future__ import annotations
 
-ALGORITHM_NAMES = ("local", "fedavg", "fedprox", "fedper", "ditto", "mfed", "fedhca2", "fedmuscle")
+ALGORITHM_NAMES = (
+    "local",
+    "fedavg",
+    "fedprox",
+    "fedper",
+    "ditto",
+    "fedavg_task",
+    "fedamp",
+    "matfl",
+    "mfed",
+    "fedhca2",
+    "fedmuscle",
+)
 
 # Encoder family → the backbone names it builds (timm model names, or the text encoders).
 BACKBONES: dict[str, tuple[str, ...]] = {

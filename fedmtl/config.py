@@ -76,6 +76,68 @@ class DittoConfig(Strict):
     personal_epochs: int = Field(1, ge=1)
 
 
+class FedAvgTaskConfig(Strict):
+    """Per-task FedAvg: whole task models averaged inside each task group, nothing across groups.
+
+    M-Fed's "traditional FL" baseline: a task group is a dataset's task among clients whose
+    encoder, decoder and head of that task are equal; a multi-task client starts from the mean
+    of its task groups' encoders (as in M-Fed's tier 1).
+    """
+
+    name: Literal["fedavg_task"] = "fedavg_task"
+    shares: ClassVar[tuple[str, ...]] = ("encoder", "decoders", "heads")
+
+
+class FedAMPConfig(Strict):
+    """FedAMP: per-client cloud models by attention over parameter distance (Huang et al., 2021).
+
+    ``u_i = ξ_ii·θ_i + Σ_{j≠i} ξ_ij·θ_j`` with ``ξ_ij = alpha_k·exp(−d̄²_ij/sigma)/sigma`` among
+    architecture-equal groups, ``d̄²`` the squared distance *per parameter* (so ``sigma`` and
+    ``alpha_k`` are per parameter too: no underflow for large models); clients add
+    ``(lam/2)·‖θ_i − u_i‖²``, i.e. the paper's ``λ/(2α_k)`` with ``lam = λ/α_k`` ("Personalized
+    Cross-Silo Federated Learning on Non-IID Data", AAAI 2021).
+    """
+
+    name: Literal["fedamp"] = "fedamp"
+    shares: ClassVar[tuple[str, ...]] = ("encoder", "decoders")
+    lam: float = Field(1.0, ge=0)
+    alpha_k: float = Field(1.0, gt=0)
+    sigma: float = Field(1.0, gt=0)
+
+
+class MaTFLConfig(Strict):
+    """MaT-FL: encoders averaged inside clusters of their updates, decoders by task (Cai et al.).
+
+    Agglomerative clustering (average linkage, cosine distance) of the encoder updates among
+    equal encoders, cut into ``num_clusters`` clusters or at ``distance_threshold`` ("Many-Task
+    Federated Learning: A New Problem Setting and A Simple Baseline", CVPR-W 2023).
+    """
+
+    name: Literal["matfl"] = "matfl"
+    shares: ClassVar[tuple[str, ...]] = ("encoder", "decoders")
+    num_clusters: int | None = Field(2, ge=1)
+    distance_threshold: float | None = Field(None, ge=0, le=2)  # cosine distance in [0, 2]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threshold_replaces_count(cls, data: Any) -> Any:
+        # A distance threshold alone means "cut by distance": the default count steps aside.
+        if isinstance(data, dict) and data.get("distance_threshold") is not None:
+            data = {"num_clusters": None, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _one_cut(self) -> MaTFLConfig:
+        if self.num_clusters is not None and self.distance_threshold is not None:
+            raise ValueError(
+                "num_clusters and distance_threshold both set: the dendrogram is cut by one "
+                "of them (omit num_clusters to cut at distance_threshold)"
+            )
+        if self.num_clusters is None and self.distance_threshold is None:
+            raise ValueError("num_clusters: set it or distance_threshold")
+        return self
+
+
 class MFedConfig(Strict):
     """M-Fed: FedAvg in task groups, then an encoder-only average across groups.
 
@@ -165,6 +227,9 @@ AlgorithmConfig = Annotated[
     | FedProxConfig
     | FedPerConfig
     | DittoConfig
+    | FedAvgTaskConfig
+    | FedAMPConfig
+    | MaTFLConfig
     | MFedConfig
     | FedHCA2Config
     | FedMuscleConfig,

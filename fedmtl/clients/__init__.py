@@ -2,8 +2,10 @@
 
 from fedmtl.clients import (
     baselines,  # noqa: F401  (registers the baseline client algorithms)
+    fedamp,  # noqa: F401  (registers the FedAMP client)
     fedhca2,  # noqa: F401  (registers the FedHCA² client)
     fedmuscle,  # noqa: F401  (registers the FedMuscle client)
+    matfl,  # noqa: F401  (registers the MaT-FL client)
     mfed,  # noqa: F401  (registers the M-Fed client)
 )
 from fedmtl.clients.base import CLIENT_ALGORITHMS, ClientAlgorithm, register_client_algorithm

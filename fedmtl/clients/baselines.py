@@ -1,4 +1,4 @@
-"""Client sides of the baselines: Local, FedAvg, FedProx, FedPer, Ditto."""
+"""Client sides of the baselines: Local, FedAvg (also per task), FedProx, FedPer, Ditto."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ class LocalClient(ClientAlgorithm):
 @register_client_algorithm("fedavg")
 class FedAvgClient(ClientAlgorithm):
     """Loads the server's averages for its groups, trains, returns encoder and decoders."""
+
+
+# Per-task FedAvg differs from FedAvg only in what the server averages with what: the client
+# loads the task models it receives, trains, and uploads the groups the server asks for.
+register_client_algorithm("fedavg_task")(FedAvgClient)
 
 
 @register_client_algorithm("fedper")

@@ -2,8 +2,11 @@
 
 from fedmtl.strategies import (
     baselines,  # noqa: F401  (registers the baseline strategies)
+    fedamp,  # noqa: F401  (registers FedAMP)
+    fedavg_task,  # noqa: F401  (registers per-task FedAvg)
     fedhca2,  # noqa: F401  (registers FedHCA²)
     fedmuscle,  # noqa: F401  (registers FedMuscle)
+    matfl,  # noqa: F401  (registers MaT-FL)
     mfed,  # noqa: F401  (registers M-Fed)
 )
 from fedmtl.strategies.base import STRATEGIES, ClientInfo, Reply, Strategy, create_strategy

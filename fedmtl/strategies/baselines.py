@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor
 
 from fedmtl.aggregation.fedavg import RunningAverage
+from fedmtl.messages import TensorSpec
 from fedmtl.strategies.base import (
     ClientInfo,
     Federation,
@@ -31,13 +32,43 @@ class Local(Strategy):
     """No exchange at all: every client trains on its own data (the Δ% reference)."""
 
 
-class GroupAveraging(Strategy):
+class HolderCounting(Strategy):
+    """Knows how many known clients hold each shared group; uploads only groups held twice.
+
+    A group only one client holds has no partner: it is neither uploaded nor sent, and the
+    client keeps training its own copy (FedAvg's, FedAMP's and MaT-FL's singletons).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.holders: dict[str, int] = {}  # group key → how many known clients hold it
+
+    def _count_holders(self, clients: Mapping[str, ClientInfo]) -> None:
+        self.holders = {}
+        for info in clients.values():
+            for group in info.group_specs(self.shares):
+                key = info.group_key(group)
+                self.holders[key] = self.holders.get(key, 0) + 1
+
+    def upload_groups(self, client: ClientInfo) -> list[str] | None:
+        """The groups at least one other known client holds.
+
+        A group only this client has averages to its own tensors: uploading it would cost
+        bytes (a whole encoder) for nothing.
+        """
+        return [
+            group
+            for group in client.group_specs(self.shares)
+            if self.holders.get(client.group_key(group), 0) >= 2
+        ]
+
+
+class GroupAveraging(HolderCounting):
     """Averages every shared group among the clients that hold an identical copy of it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.global_groups: dict[str, dict[str, Tensor]] = {}  # group key → averaged tensors
-        self.holders: dict[str, int] = {}  # group key → how many known clients hold it
         # The round being folded: group key → its running average (None between rounds).
         self._sums: dict[str, RunningAverage] | None = None
         self._round = 0
@@ -49,7 +80,7 @@ class GroupAveraging(Strategy):
         which its personal state already has.
         """
         out: dict[str, Tensor] = {}
-        for group in client.group_specs(self.shares):
+        for group in self.averaged_groups(client):
             key = client.group_key(group)
             if self.holders.get(key, 0) >= 2:
                 out.update(self.global_groups.get(key, {}))
@@ -71,24 +102,9 @@ class GroupAveraging(Strategy):
         server_metrics = self.aggregate(round_, replies, federation.clients)
         federation.record_server(round_, server_metrics)
 
-    def _count_holders(self, clients: Mapping[str, ClientInfo]) -> None:
-        self.holders = {}
-        for info in clients.values():
-            for group in info.group_specs(self.shares):
-                key = info.group_key(group)
-                self.holders[key] = self.holders.get(key, 0) + 1
-
-    def upload_groups(self, client: ClientInfo) -> list[str] | None:
-        """The groups at least one other known client holds.
-
-        A group only this client has averages to its own tensors: uploading it would cost
-        bytes (a whole encoder) for nothing.
-        """
-        return [
-            group
-            for group in client.group_specs(self.shares)
-            if self.holders.get(client.group_key(group), 0) >= 2
-        ]
+    def averaged_groups(self, client: ClientInfo) -> dict[str, dict[str, TensorSpec]]:
+        """The client's groups this class averages (all shared ones; MaT-FL leaves out one)."""
+        return client.group_specs(self.shares)
 
     def start_round(self, round_: int, clients: list[ClientInfo]) -> None:
         """Open one running average per group key the round's participants will upload.
@@ -101,7 +117,7 @@ class GroupAveraging(Strategy):
         expected: dict[str, float] = {}
         for info in clients:
             planned = self.upload_groups(info)
-            for group in info.group_specs(self.shares):
+            for group in self.averaged_groups(info):
                 if planned is None or group in planned:
                     key = info.group_key(group)
                     expected[key] = expected.get(key, 0.0) + float(info.num_train)
@@ -117,7 +133,7 @@ class GroupAveraging(Strategy):
             self._sums, self._round = {}, round_
         weight = float(reply.metrics["num-examples"])
         uploaded = reply.upload_groups
-        for group, specs in info.group_specs(self.shares).items():
+        for group, specs in self.averaged_groups(info).items():
             if uploaded is not None and group not in uploaded:
                 continue
             key = info.group_key(group)
@@ -140,7 +156,7 @@ class GroupAveraging(Strategy):
             for client_id, reply in replies.items():
                 info = clients[client_id]
                 uploaded = reply.upload_groups
-                for group, specs in info.group_specs(self.shares).items():
+                for group, specs in self.averaged_groups(info).items():
                     if uploaded is None or group in uploaded:
                         tensors = {name: reply.arrays[name] for name in specs}
                         weight = float(reply.metrics["num-examples"])
