@@ -99,7 +99,10 @@ def init_model(experiment: Experiment, client: ClientConfig, tasks: list[Task]) 
     broadcast an initial model, and the Local baseline starts where federated runs start.
     """
     model_cfg = client.model
-    arch = json.dumps([model_cfg.backbone, model_cfg.kwargs], sort_keys=True)
+    # Where a tokenizer folder lives is not architecture: the same run from another path (or
+    # another machine) starts from the same weights.
+    shape_kwargs = {k: v for k, v in model_cfg.kwargs.items() if k != "tokenizer"}
+    arch = json.dumps([model_cfg.backbone, shape_kwargs], sort_keys=True)
     projector_dim = None
     hyper = experiment.algorithm
     if hasattr(hyper, "projector_dim"):
