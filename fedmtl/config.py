@@ -770,13 +770,7 @@ def _check_data(experiment: Experiment, *, check_files: bool) -> None:
                     f"clients[{i}].tasks: unknown task {task!r} for dataset {client.dataset!r} "
                     f"(kind {dataset.kind!r}; it offers {sorted(table)})"
                 )
-        text_model = client.model.backbone in TEXT_BACKBONES
-        modality = DATASET_REGISTRY[dataset.kind].modality
-        if text_model != (modality == "text"):
-            raise ConfigError(
-                f"clients[{i}].model.backbone: {client.model.backbone!r} cannot read the "
-                f"{modality} inputs of dataset {client.dataset!r}"
-            )
+        _check_client_modality(i, client, dataset)
     _check_public_views(experiment)
     partitions: dict[str, list[ClientConfig]] = {}
     for client in experiment.clients:
@@ -789,6 +783,36 @@ def _check_data(experiment: Experiment, *, check_files: bool) -> None:
             raise ConfigError(
                 f"datasets.{name}.partition.scheme: 'sizes' needs clients[].samples for {missing}"
             )
+
+
+def _check_client_modality(index: int, client: ClientConfig, dataset: DatasetConfig) -> None:
+    """A client's encoder must read its dataset's inputs: a text backbone needs a text dataset.
+
+    The message names the client, the dataset and, when the dataset has a view in the
+    encoder's modality (COCO's captions), the dataset kind that reads it.
+    """
+    from fedmtl.data import DATASET_REGISTRY
+
+    source = DATASET_REGISTRY[dataset.kind]
+    wanted = "text" if client.model.backbone in TEXT_BACKBONES else "image"
+    if source.modality == wanted:
+        return
+    other = source.VIEW_KINDS.get(wanted)
+    if other is not None:
+        advice = (
+            f"its {wanted} view is dataset kind {other!r}: add a [datasets.<name>] with "
+            f"kind = {other!r} (same root) and point the client at it"
+        )
+    else:
+        advice = (
+            f"it has no {wanted} view; give the client a {wanted} dataset or a "
+            f"{source.modality} backbone"
+        )
+    raise ConfigError(
+        f"clients[{index}].dataset: client {client.client_id!r} has the {wanted} backbone "
+        f"{client.model.backbone!r}, but dataset {client.dataset!r} (kind {dataset.kind!r}) "
+        f"holds {source.modality} inputs; {advice}"
+    )
 
 
 def _check_public_views(experiment: Experiment) -> None:
@@ -807,12 +831,13 @@ def _check_public_views(experiment: Experiment) -> None:
                 f"clients[{i}].dataset: client {client.client_id!r} reads {modality} but the "
                 f"public dataset {public.dataset!r} (kind {source.kind!r}) offers only "
                 f"{list(views)} views; use a public dataset with a {modality} view "
-                "(e.g. kind 'quickstart') or drop the client"
+                "(e.g. kind 'quickstart', or 'coco_multilabel' with its captions) or drop the "
+                "client"
             )
 
 
 def check_paths(experiment: Experiment) -> None:
-    """Dataset roots and local ``pretrained`` paths exist on this machine.
+    """Dataset roots, local ``pretrained`` paths and tokenizer folders exist on this machine.
 
     Only the machines that read them need this: the simulating machine, or each client
     machine (with its ``data-dir``); a deployed server reads neither.
@@ -820,7 +845,8 @@ def check_paths(experiment: Experiment) -> None:
     Raises
     ------
     ConfigError
-        Naming ``datasets.<name>.root`` or ``clients[i].model.pretrained``.
+        Naming ``datasets.<name>.root``, ``clients[i].model.pretrained`` or
+        ``clients[i].model.kwargs.tokenizer``.
     """
     for name, dataset in experiment.datasets.items():
         if dataset.root is not None and not Path(dataset.root).expanduser().exists():
@@ -831,6 +857,13 @@ def check_paths(experiment: Experiment) -> None:
             raise ConfigError(
                 f"clients[{i}].model.pretrained: weights path does not exist: {pretrained}"
             )
+        tokenizer = client.model.kwargs.get("tokenizer")
+        if client.model.backbone in TEXT_BACKBONES and isinstance(tokenizer, str):
+            if not Path(tokenizer).expanduser().is_dir():
+                raise ConfigError(
+                    f"clients[{i}].model.kwargs.tokenizer: not a directory: {tokenizer} "
+                    "(a tokenizer saved with save_pretrained: vocab.txt or tokenizer.json)"
+                )
 
 
 # --------------------------------------------------------------------------- bundled files

@@ -38,7 +38,8 @@ def catalog() -> dict[str, list[tuple[str, str]]]:
 
     Algorithms are described by their experiment-file section (``[algorithm] name = ...``),
     tasks by their primary metric and its direction, backbone families by the names they build,
-    dataset kinds by their modality and whether they are bundled.
+    dataset kinds by their modality, whether they are bundled, their tasks and the kinds that read
+    them in another modality (COCO's captions).
     """
     from typing import get_args
 
@@ -71,7 +72,8 @@ def catalog() -> dict[str, list[tuple[str, str]]]:
         (
             kind,
             f"{cls.modality}, {'bundled' if not cls.requires_root else 'needs root'}; "
-            f"tasks: {', '.join(sorted(cls.TASKS)) or 'set by options'}",
+            f"tasks: {', '.join(sorted(cls.TASKS)) or 'set by options'}"
+            + "".join(f"; {view} view: {other}" for view, other in sorted(cls.VIEW_KINDS.items())),
         )
         for kind, cls in sorted(found["datasets"].items())
     ]

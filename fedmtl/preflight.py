@@ -11,8 +11,12 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedmtl.config import ConfigError, Experiment, check_paths
+
+if TYPE_CHECKING:
+    from fedmtl.data import DatasetSource
 
 # Exceptions a broken model configuration raises inside timm / transformers / torch (an
 # unknown keyword is a TypeError, an impossible shape a RuntimeError or AssertionError, ...).
@@ -109,13 +113,22 @@ def check_machine(experiment: Experiment) -> None:
         raise ConfigError("device: 'mps' requested but this machine has no MPS device")
 
 
-def check_models(experiment: Experiment) -> None:
+def check_models(experiment: Experiment, *, read_files: bool = True) -> None:
     """Build every client's model on the meta device and run one meta batch through it.
 
     The meta device allocates nothing and ``pretrained`` weights are not read, so this is fast
     and downloads nothing, yet it fails exactly where the real build would: a keyword timm
     does not know (``img_sizee``), a backbone name timm lacks, an input size the ViT was not
     built for.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        The experiment.
+    read_files : bool
+        Read what lives with the data: a local tokenizer folder, the files that give a
+        ``text_classification`` task its number of classes. A deployed server has neither
+        and passes False (two classes stand in; the hashing tokenizer for the folder).
 
     Raises
     ------
@@ -133,7 +146,12 @@ def check_models(experiment: Experiment) -> None:
         dataset = experiment.datasets[client.dataset]
         source = DATASET_REGISTRY[dataset.kind]
         size = dataset.image_size or source.NATIVE_IMAGE_SIZE
-        tasks = build_tasks(experiment, client)
+        try:
+            # reads the data when it sets the outputs (text_classification without classes)
+            tasks = build_tasks(experiment, client, unknown_outputs=None if read_files else 2)
+        except (FileNotFoundError, ValueError, KeyError, OSError, ImportError) as exc:
+            text = str(exc).strip() or type(exc).__name__
+            raise ConfigError(f"datasets.{client.dataset}: {text}") from None
         key = json.dumps(
             [client.model.model_dump(exclude={"pretrained"}), client.tasks, dataset.kind, size],
             sort_keys=True,
@@ -144,6 +162,9 @@ def check_models(experiment: Experiment) -> None:
                 raise ConfigError(f"{field}{built[key]}")
             continue
         offline = client.model.model_copy(update={"pretrained": None})
+        if not read_files and "tokenizer" in offline.kwargs:
+            kwargs = {k: v for k, v in offline.kwargs.items() if k != "tokenizer"}
+            offline = offline.model_copy(update={"kwargs": kwargs})
         meta_client = client.model_copy(update={"model": offline})
         try:
             with torch.device("meta"):
@@ -204,6 +225,26 @@ def check_datasets(experiment: Experiment, data_root: str | None = None) -> None
                 **dataset.options,
             )
             source.check(tasks)
-        except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
+            if experiment.public is not None and experiment.public.dataset == name:
+                _check_public_views(experiment, source)
+        except (FileNotFoundError, ValueError, KeyError, OSError, ImportError) as exc:
             text = str(exc).strip() or type(exc).__name__
             raise ConfigError(f"datasets.{name}: {text}") from None
+
+
+def _check_public_views(experiment: Experiment, source: DatasetSource) -> None:
+    """Read the public dataset in every other modality its FedMuscle clients need.
+
+    A public COCO set read by a text client needs ``captions_train2017.json`` beside the
+    instances file: a missing one fails here, naming the file, not in the first round.
+    """
+    from fedmtl.data import DATASET_REGISTRY
+
+    if experiment.algorithm.name != "fedmuscle":
+        return
+    wanted = {
+        DATASET_REGISTRY[experiment.datasets[c.dataset].kind].modality for c in experiment.clients
+    }
+    for modality in sorted(wanted - {source.modality}):
+        view = source.counterpart(modality)
+        view.public_pool()[0]  # the index and the first sample of what the public set draws

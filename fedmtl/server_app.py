@@ -213,7 +213,7 @@ def main(grid: Grid, context: Context) -> None:
             [t.strip() for t in str(config.get("tracking", "") or "").split(",") if t.strip()],
             mlflow_uri=str(config.get("mlflow-uri", "") or "") or None,
         )
-        check_models(experiment)
+        check_models(experiment, read_files=False)
         check_trackers(experiment)
         run_dir = RunDirectory.create(str(config.get("output-dir", "runs")), experiment)
     progress.logger.info("fedmtl run folder: %s", run_dir.path)

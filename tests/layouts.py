@@ -67,8 +67,8 @@ def write_voc(root: Path, ids: tuple[str, ...] = ("a1", "a2")) -> Path:
     return root
 
 
-def write_coco(root: Path) -> Path:
-    """``<root>/annotations/instances_{train,val}2017.json`` and one image per split."""
+def write_coco(root: Path, captions: bool = True) -> Path:
+    """``<root>/annotations/{instances,captions}_{train,val}2017.json``, one image per split."""
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for index, split in enumerate(("train2017", "val2017")):
         _image(root / split / "000001.jpg", index)
@@ -77,6 +77,9 @@ def write_coco(root: Path) -> Path:
             "annotations": [{"image_id": 1, "category_id": 1}],
         }
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(document))
+        if captions:
+            text = {"annotations": [{"id": 5, "image_id": 1, "caption": "A person."}]}
+            (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(text))
     return root
 
 

@@ -89,7 +89,7 @@ def test_missing_file_and_bad_toml_exit_2(tmp_path: Path) -> None:
 
 def test_text_backbone_on_image_data_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path, GOOD.replace('backbone = "resnet18"', 'backbone = "bert"'))
-    with pytest.raises(ConfigError, match=r"clients\[0\]\.model\.backbone"):
+    with pytest.raises(ConfigError, match=r"clients\[0\]\.dataset: client 'c1' has the text"):
         load_experiment(path)
 
 

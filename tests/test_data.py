@@ -189,6 +189,7 @@ def test_registry_and_task_tables_are_static_and_valid() -> None:
         "cifar100",
         "voc_multilabel",
         "coco_multilabel",
+        "coco_captions",
         "pascal_context",
         "nyud",
     }
@@ -485,7 +486,16 @@ def test_cifar100_uses_fine_labels(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "kind", ["cifar10", "voc_multilabel", "coco_multilabel", "pascal_context", "nyud"]
+    "kind",
+    [
+        "cifar10",
+        "voc_multilabel",
+        "coco_multilabel",
+        "coco_captions",
+        "pascal_context",
+        "nyud",
+        "text_classification",
+    ],
 )
 def test_missing_paths_name_the_path_and_layout(kind: str, tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"

@@ -79,27 +79,33 @@ class ClientSession:
         self.client = experiment.client(client_id)
         self.client_id = client_id
         self.index = experiment.client_index(client_id)
-        self.tasks = build_tasks(experiment, self.client)
+        self.data_root = data_root  # before the tasks: text_classification counts its classes
+        self.tasks = build_tasks(experiment, self.client, self.source)
         self.device = resolve_device(experiment.device)
         stored = experiment.state.dtype
         self.state = StateStore(state_dir, dtype=None if stored == "float32" else STORED[stored])
-        self.data_root = data_root
         self.stream_ca = stream_ca
         self._splits: dict[str, SampleSet] = {}
 
     # -- data -------------------------------------------------------------------------
+
+    def source(self) -> DatasetSource:
+        """The client's (cached) dataset source, at this node's ``data-dir`` if it has one."""
+        exp, client = self.experiment, self.client
+        dataset = exp.datasets[client.dataset]
+        try:
+            return dataset_source(dataset, exp.seed, self.data_root)
+        except (FileNotFoundError, ValueError) as exc:
+            # Name the dataset and where this node looked: on a SuperNode, the data-dir.
+            where = f"data-dir {self.data_root}" if self.data_root else f"root {dataset.root}"
+            raise type(exc)(f"datasets.{client.dataset} ({where}): {exc}") from exc
 
     def split(self, name: str) -> SampleSet:
         """The client's partition of the ``train`` or ``test`` split."""
         if name not in self._splits:
             exp, client = self.experiment, self.client
             dataset = exp.datasets[client.dataset]
-            try:
-                source = dataset_source(dataset, exp.seed, self.data_root)
-            except (FileNotFoundError, ValueError) as exc:
-                # Name the dataset and where this node looked: on a SuperNode, the data-dir.
-                where = f"data-dir {self.data_root}" if self.data_root else f"root {dataset.root}"
-                raise type(exc)(f"datasets.{client.dataset} ({where}): {exc}") from exc
+            source = self.source()
             members = exp.dataset_members(client.dataset)
             sizes = None
             if dataset.partition.scheme == "sizes":

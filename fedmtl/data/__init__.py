@@ -12,15 +12,17 @@ from fedmtl.data.base import (
 )
 from fedmtl.data.cifar import Cifar10Source, Cifar100Source
 from fedmtl.data.dense import NyudSource, PascalContextSource
-from fedmtl.data.multilabel import CocoMultilabelSource, VocMultilabelSource
+from fedmtl.data.multilabel import CocoCaptionsSource, CocoMultilabelSource, VocMultilabelSource
 from fedmtl.data.partition import cap_positions, client_split, partition_indices
 from fedmtl.data.public import PublicDataset
 from fedmtl.data.quickstart import QuickstartSource, QuickstartTextSource
+from fedmtl.data.text import TextClassificationSource
 
 __all__ = [
     "DATASET_REGISTRY",
     "Cifar10Source",
     "Cifar100Source",
+    "CocoCaptionsSource",
     "CocoMultilabelSource",
     "DatasetSource",
     "NyudSource",
@@ -30,6 +32,7 @@ __all__ = [
     "QuickstartTextSource",
     "SampleSet",
     "TaskInfo",
+    "TextClassificationSource",
     "VocMultilabelSource",
     "cap_positions",
     "client_split",

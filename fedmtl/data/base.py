@@ -170,6 +170,12 @@ class DatasetSource(ABC):
     LAYOUT: ClassVar[str] = ""  # the expected on-disk layout, quoted in missing-path errors
     # Modalities ``counterpart`` offers besides ``modality`` (quickstart: its captions).
     OTHER_VIEWS: ClassVar[tuple[str, ...]] = ()
+    # The dataset kind of each other view, so that a config error can name what to use instead
+    # (coco_multilabel: {"text": "coco_captions"}).
+    VIEW_KINDS: ClassVar[dict[str, str]] = {}
+    # True when a task's number of outputs is read from the data (text_classification's classes):
+    # the static table then has 0 outputs and models are built from :meth:`data_task_table`.
+    OUTPUTS_FROM_DATA: ClassVar[bool] = False
     # Side of the images when ``image_size`` is None, if every image has it (CIFAR: 32).
     NATIVE_IMAGE_SIZE: ClassVar[int | None] = None
 
@@ -202,6 +208,13 @@ class DatasetSource(ABC):
         """
         check_options(cls, options)
         return dict(cls.TASKS)
+
+    def data_task_table(self) -> dict[str, TaskInfo]:
+        """The tasks of this source as its data defines them (default: the static table).
+
+        Sources with ``OUTPUTS_FROM_DATA`` override it to count classes in their files.
+        """
+        return dict(self.TASKS)
 
     @classmethod
     def views(cls) -> tuple[str, ...]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -95,6 +95,7 @@ class QuickstartSource(DatasetSource):
     requires_root = False
     TASKS = IMAGE_TASKS
     OTHER_VIEWS = ("text",)
+    VIEW_KINDS: ClassVar[dict[str, str]] = {"text": "quickstart_text"}
     NATIVE_IMAGE_SIZE = CANVAS
 
     def _load_split(self, split: str) -> SampleSet:
@@ -149,6 +150,7 @@ class QuickstartTextSource(DatasetSource):
     requires_root = False
     TASKS = TEXT_TASKS
     OTHER_VIEWS = ("image",)
+    VIEW_KINDS: ClassVar[dict[str, str]] = {"image": "quickstart"}
 
     def __init__(
         self,

@@ -8,6 +8,8 @@ and shapes from each client's ``describe`` reply.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -17,13 +19,62 @@ from fedmtl.models.multitask import MultiTaskModel, build_model, shared_paramete
 from fedmtl.seeding import derive_seed
 from fedmtl.tasks import Task, create_task
 
+if TYPE_CHECKING:
+    from fedmtl.data import DatasetSource
 
-def build_tasks(experiment: Experiment, client: ClientConfig) -> list[Task]:
-    """Instantiate the client's tasks from its dataset's task table."""
-    from fedmtl.data import dataset_task_table
+
+def build_tasks(
+    experiment: Experiment,
+    client: ClientConfig,
+    open_source: Callable[[], DatasetSource] | None = None,
+    *,
+    unknown_outputs: int | None = None,
+) -> list[Task]:
+    """Instantiate the client's tasks from its dataset's task table.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        The experiment.
+    client : ClientConfig
+        The client whose tasks to build.
+    open_source : callable, optional
+        Returns the client's dataset source; called only when a task's number of outputs comes
+        from the data (``text_classification``'s classes). Default: the source at the
+        dataset's own root (a SuperNode passes its ``data-dir``'s).
+    unknown_outputs : int, optional
+        Use this many outputs instead of reading the data (a deployed server checks that
+        models build without the clients' files).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        When the data that defines a task's outputs cannot be read.
+    """
+    from fedmtl.data import DATASET_REGISTRY, TaskInfo, create_dataset, dataset_task_table
 
     dataset = experiment.datasets[client.dataset]
     table = dataset_task_table(dataset.kind, **dataset.options)
+    if DATASET_REGISTRY[dataset.kind].OUTPUTS_FROM_DATA and any(
+        table[name].num_outputs == 0 for name in client.tasks
+    ):
+        # e.g. a text_classification file without options.classes: count the classes in it
+        if unknown_outputs is not None:
+            table = {
+                name: TaskInfo(info.kind, info.num_outputs or unknown_outputs, info.options)
+                for name, info in table.items()
+            }
+        elif open_source is None:
+            source = create_dataset(
+                dataset.kind,
+                dataset.root,
+                image_size=dataset.image_size,
+                seed=experiment.seed,
+                **dataset.options,
+            )
+            table = source.data_task_table()
+        else:
+            table = open_source().data_task_table()
     return [
         create_task(table[name].kind, name, table[name].num_outputs, **table[name].options)
         for name in client.tasks
@@ -48,7 +99,10 @@ def init_model(experiment: Experiment, client: ClientConfig, tasks: list[Task]) 
     broadcast an initial model, and the Local baseline starts where federated runs start.
     """
     model_cfg = client.model
-    arch = json.dumps([model_cfg.backbone, model_cfg.kwargs], sort_keys=True)
+    # Where a tokenizer folder lives is not architecture: the same run from another path (or
+    # another machine) starts from the same weights.
+    shape_kwargs = {k: v for k, v in model_cfg.kwargs.items() if k != "tokenizer"}
+    arch = json.dumps([model_cfg.backbone, shape_kwargs], sort_keys=True)
     projector_dim = None
     hyper = experiment.algorithm
     if hasattr(hyper, "projector_dim"):

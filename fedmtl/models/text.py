@@ -88,18 +88,31 @@ class _PretrainedTokenizer:
     # tokenizer that maps every word to [UNK].
     vocabulary_files = ("tokenizer.json", "vocab.txt")
 
-    def __init__(self, path: str, max_length: int) -> None:
-        directory = Path(path)
+    def __init__(self, path: str, max_length: int, *, local: bool = False) -> None:
+        directory = Path(path).expanduser()
+        if local and not directory.is_dir():
+            # never let a typo in a local path turn into a hub download
+            raise ValueError(f"tokenizer directory does not exist: {path}")
         if directory.is_dir() and not any((directory / f).is_file() for f in self.vocabulary_files):
+            what = "tokenizer" if local else "pretrained"
             raise ValueError(
-                f"pretrained directory {path} has no tokenizer {list(self.vocabulary_files)};"
-                " save it next to the weights with save_pretrained"
+                f"{what} directory {path} has no tokenizer {list(self.vocabulary_files)};"
+                " save one there with save_pretrained"
             )
+        options = {"local_files_only": True} if directory.is_dir() else {}
         try:
-            self.tokenizer = _transformers("AutoTokenizer").from_pretrained(path)
+            self.tokenizer = _transformers("AutoTokenizer").from_pretrained(
+                str(directory) if directory.is_dir() else path, **options
+            )
         except (OSError, ValueError) as err:
             raise ValueError(f"no loadable tokenizer in directory {path}: {err}") from err
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError(f"the tokenizer in {path} has no padding token (pad_token)")
         self.max_length = max_length
+
+    def __len__(self) -> int:
+        """Ids the tokenizer can produce (its vocabulary and added tokens)."""
+        return len(self.tokenizer)
 
     def __call__(self, texts: list[str]) -> dict[str, Tensor]:
         encoded = self.tokenizer(
@@ -123,6 +136,11 @@ class TextEncoder(Encoder):
         Tokens per caption, [CLS] included.
     hub_id : str | None
         Hub repository for ``pretrained="hub"``; defaults to the family's base uncased model.
+    tokenizer : str | None
+        A local directory holding a tokenizer saved with ``save_pretrained`` (``vocab.txt`` or
+        ``tokenizer.json``); it replaces the hashing tokenizer (or the pretrained directory's).
+        A model built from its config gets ``vocab_size`` = the tokenizer's size unless the
+        kwargs set it; a smaller ``vocab_size`` is an error. Never downloads.
     **kwargs : Any
         Config fields (e.g. ``hidden_size=32``, ``num_hidden_layers=2``).
     """
@@ -142,6 +160,7 @@ class TextEncoder(Encoder):
         pretrained: str | None = None,
         max_length: int = 32,
         hub_id: str | None = None,
+        tokenizer: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -151,10 +170,17 @@ class TextEncoder(Encoder):
         source = (hub_id or self.default_hub_id) if pretrained == "hub" else pretrained
         model_class: type[PreTrainedModel] = _transformers(self.model_class_name)
         config_class: type[PretrainedConfig] = _transformers(self.config_class_name)
+        local = (
+            None if tokenizer is None else _PretrainedTokenizer(tokenizer, max_length, local=True)
+        )
         if source is not None and (pretrained == "hub" or Path(source).is_dir()):
             self.model = model_class.from_pretrained(source, **self.model_kwargs, **kwargs)
-            self.tokenizer = _PretrainedTokenizer(source, max_length)
+            self.tokenizer = (
+                local if local is not None else _PretrainedTokenizer(source, max_length)
+            )
         else:
+            if local is not None:
+                kwargs.setdefault("vocab_size", len(local))  # one embedding row per token id
             self.model = model_class(config_class(**kwargs), **self.model_kwargs)
             if source is not None:
                 load_state_dict_strict(
@@ -163,7 +189,17 @@ class TextEncoder(Encoder):
                     ignore_unexpected=self.ignored_checkpoint_keys,
                     source=source,
                 )
-            self.tokenizer = HashingTokenizer(self.model.config.vocab_size, max_length)
+            self.tokenizer = (
+                local
+                if local is not None
+                else HashingTokenizer(self.model.config.vocab_size, max_length)
+            )
+        vocab_size = int(self.model.config.vocab_size)
+        if local is not None and len(local) > vocab_size:
+            raise ValueError(
+                f"the tokenizer in {tokenizer} has {len(local)} token ids but the model's "
+                f"vocab_size is {vocab_size}; raise vocab_size or leave it unset"
+            )
         max_positions = int(self.model.config.max_position_embeddings)
         if max_length > max_positions:
             raise ValueError(
