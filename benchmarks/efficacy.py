@@ -143,6 +143,13 @@ def mechanism(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "mfed/distance (mean over task groups)": lambda k: k.startswith("mfed/distance/"),
         "fedhca2/alpha (mean over clients)": lambda k: k.startswith("fedhca2/alpha/"),
         "fedhca2/beta (mean)": lambda k: k.startswith("fedhca2/beta/"),
+        "fedamp/encoder/xi_self_mean": lambda k: k == "fedamp/encoder/xi_self_mean",
+        "fedamp/encoder/distance_mean (per parameter)": lambda k: (
+            k == "fedamp/encoder/distance_mean"
+        ),
+        "matfl/clusters": lambda k: k == "matfl/clusters",
+        "matfl/update_cosine_distance_mean": lambda k: k == "matfl/update_cosine_distance_mean",
+        "fedavg_task/shared_groups": lambda k: k == "fedavg_task/shared_groups",
     }
     for name, match in families.items():
         values = [[v for k, v in r.items() if match(k)] for r in (first, last)]
@@ -290,7 +297,11 @@ def main() -> int:
                 k: v for k, v in previous["federations"].items() if k not in results["federations"]
             }
             results["federations"] = {**kept, **results["federations"]}
-            results["machine_previous"] = previous.get("machine")
+            if todo:
+                results["machine_previous"] = previous.get("machine")
+            else:  # nothing ran: the machine block still describes the runs summarised
+                results["machine"] = previous.get("machine")
+                results["machine_previous"] = previous.get("machine_previous")
     results["federations"] = {
         f: results["federations"][f] for f in FEDERATIONS if f in results["federations"]
     }
