@@ -20,7 +20,13 @@ ALGORITHM_NAMES = (
     "mfed",
     "fedhca2",
     "fedmuscle",
+    "pseudolabel",
+    "simclr",
+    "fedhenn",
 )
+
+# Algorithms whose clients read the experiment's ``[public]`` dataset (validated up front).
+PUBLIC_ALGORITHMS = ("fedmuscle", "pseudolabel", "simclr", "fedhenn")
 
 # Encoder family → the backbone names it builds (timm model names, or the text encoders).
 BACKBONES: dict[str, tuple[str, ...]] = {

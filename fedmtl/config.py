@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from fedmtl.catalog import ALGORITHM_NAMES, TEXT_BACKBONES, backbone_family
+from fedmtl.catalog import ALGORITHM_NAMES, PUBLIC_ALGORITHMS, TEXT_BACKBONES, backbone_family
 
 
 class ConfigError(ValueError):
@@ -221,6 +221,52 @@ class FedMuscleConfig(Strict):
         return self
 
 
+class PseudoLabelConfig(Strict):
+    """Local pseudo-labelling of the public set (Lee, 2013); nothing is exchanged.
+
+    After each round's local epochs the client labels public batches with its own model and
+    trains ``public_epochs`` passes on the confident ones: a class (or pixel) is kept when its
+    probability is at least ``threshold``; regression tasks (depth, normals) get none.
+    """
+
+    name: Literal["pseudolabel"] = "pseudolabel"
+    shares: ClassVar[tuple[str, ...]] = ()
+    threshold: float = Field(0.9, ge=0, lt=1)
+    public_weight: float = Field(1.0, gt=0)
+    public_epochs: int = Field(1, ge=1)
+
+
+class SimCLRConfig(Strict):
+    """Local SimCLR pretraining on the public set, then the tasks; nothing is exchanged.
+
+    In each of the first ``pretrain_rounds`` rounds the client runs ``contrastive_epochs``
+    passes of NT-Xent (temperature ``tau``) on two augmentations of every public batch, over
+    its encoder and projector, before its local epochs (Chen et al., ICML 2020).
+    """
+
+    name: Literal["simclr"] = "simclr"
+    shares: ClassVar[tuple[str, ...]] = ()
+    projector_dim: int = Field(128, ge=2)
+    tau: float = Field(0.5, gt=0)
+    pretrain_rounds: int = Field(1, ge=1)
+    contrastive_epochs: int = Field(2, ge=1)
+    contrastive_lr: float | None = Field(None, gt=0)
+
+
+class FedHeNNConfig(Strict):
+    """FedHeNN: a global kernel of public-set representations; no weights are exchanged.
+
+    Clients send the linear kernel of their representations of a public batch, the server
+    averages the kernels, and each client adds ``eta·(1 − CKA(K_local, K_global))`` to its task
+    loss (Makhija et al., "Architecture Agnostic Federated Learning for Neural Networks",
+    ICML 2022).
+    """
+
+    name: Literal["fedhenn"] = "fedhenn"
+    shares: ClassVar[tuple[str, ...]] = ()
+    eta: float = Field(1.0, ge=0)
+
+
 AlgorithmConfig = Annotated[
     LocalConfig
     | FedAvgConfig
@@ -232,7 +278,10 @@ AlgorithmConfig = Annotated[
     | MaTFLConfig
     | MFedConfig
     | FedHCA2Config
-    | FedMuscleConfig,
+    | FedMuscleConfig
+    | PseudoLabelConfig
+    | SimCLRConfig
+    | FedHeNNConfig,
     Field(discriminator="name"),
 ]
 
@@ -503,8 +552,11 @@ class Experiment(Strict):
             _check_hyperparameters(name, values)
         if self.public is not None and self.public.dataset not in self.datasets:
             raise ValueError(f"public.dataset: {self.public.dataset!r} is not declared")
-        if self.algorithm.name == "fedmuscle" and self.public is None:
-            raise ValueError("public: fedmuscle needs a [public] dataset section")
+        if self.algorithm.name in PUBLIC_ALGORITHMS and self.public is None:
+            raise ValueError(
+                f"public: {self.algorithm.name} needs a [public] dataset section (its clients "
+                "read the public set)"
+            )
         algorithm = self.algorithm
         if (
             isinstance(algorithm, FedMuscleConfig)
@@ -816,11 +868,11 @@ def _check_client_modality(index: int, client: ClientConfig, dataset: DatasetCon
 
 
 def _check_public_views(experiment: Experiment) -> None:
-    """FedMuscle clients represent the public dataset in their own modality: it needs that view."""
+    """Public-set clients read the public dataset in their own modality: it needs that view."""
     from fedmtl.data import DATASET_REGISTRY
 
     public = experiment.public
-    if public is None or experiment.algorithm.name != "fedmuscle":
+    if public is None or experiment.algorithm.name not in PUBLIC_ALGORITHMS:
         return
     source = DATASET_REGISTRY[experiment.datasets[public.dataset].kind]
     views = source.views()

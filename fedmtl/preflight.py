@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedmtl.catalog import PUBLIC_ALGORITHMS
 from fedmtl.config import ConfigError, Experiment, check_paths
 
 if TYPE_CHECKING:
@@ -240,7 +241,7 @@ def _check_public_views(experiment: Experiment, source: DatasetSource) -> None:
     """
     from fedmtl.data import DATASET_REGISTRY
 
-    if experiment.algorithm.name != "fedmuscle":
+    if experiment.algorithm.name not in PUBLIC_ALGORITHMS:
         return
     wanted = {
         DATASET_REGISTRY[experiment.datasets[c.dataset].kind].modality for c in experiment.clients

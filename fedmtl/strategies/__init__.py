@@ -5,6 +5,7 @@ from fedmtl.strategies import (
     fedamp,  # noqa: F401  (registers FedAMP)
     fedavg_task,  # noqa: F401  (registers per-task FedAvg)
     fedhca2,  # noqa: F401  (registers FedHCA²)
+    fedhenn,  # noqa: F401  (registers FedHeNN)
     fedmuscle,  # noqa: F401  (registers FedMuscle)
     matfl,  # noqa: F401  (registers MaT-FL)
     mfed,  # noqa: F401  (registers M-Fed)

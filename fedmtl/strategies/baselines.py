@@ -32,6 +32,16 @@ class Local(Strategy):
     """No exchange at all: every client trains on its own data (the Δ% reference)."""
 
 
+@register_strategy("pseudolabel")
+class PseudoLabel(Local):
+    """Local: each client pseudo-labels the public set on its own (nothing exchanged)."""
+
+
+@register_strategy("simclr")
+class SimCLR(Local):
+    """Local: each client pretrains with SimCLR on the public set (nothing exchanged)."""
+
+
 class HolderCounting(Strategy):
     """Knows how many known clients hold each shared group; uploads only groups held twice.
 

@@ -1,0 +1,197 @@
+"""FedMuscle's comparison set: FedHeNN, SimCLR, pseudo-labelling — maths by hand, runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Message, RecordDict
+
+from fedmtl.cli import main
+from fedmtl.client_app import app
+from fedmtl.losses.cka import cka, cka_distance, linear_kernel
+from fedmtl.losses.contrastive import nt_xent_loss
+from fedmtl.losses.pseudo import pseudo_targets
+from fedmtl.protocols.fedhenn import KERNEL
+from fedmtl.tasks import create_task
+from fedmtl.testing import FakeGrid
+from tests.helpers import run_in_process, tiny_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cka_features(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA in feature space: ‖YᵀX‖²_F / (‖XᵀX‖_F·‖YᵀY‖_F) on centred columns."""
+    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+    num = np.linalg.norm(y.T @ x) ** 2
+    return float(num / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
+def test_cka_of_small_matrices_by_hand() -> None:
+    # X (3×2) and Y (3×1) have centred columns already.
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]], dtype=torch.float64)
+    y = torch.tensor([[1.0], [0.0], [-1.0]], dtype=torch.float64)
+    # YᵀX = (2, 1): ‖·‖² = 5; XᵀX = [[2, 1], [1, 2]]: ‖·‖_F = √10; YᵀY = 2
+    # CKA = 5 / (2·√10) = 0.79056941504
+    value = cka(linear_kernel(x), linear_kernel(y))
+    assert value.item() == pytest.approx(5 / (2 * math.sqrt(10)), abs=1e-12)
+    assert value.item() == pytest.approx(0.7905694150420949, abs=1e-12)
+    assert cka_distance(linear_kernel(x), linear_kernel(y)).item() == pytest.approx(
+        1 - 0.7905694150420949, abs=1e-12
+    )
+    # invariant to scale and to an orthogonal rotation of the features; 1 with itself
+    rotation = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=torch.float64)
+    assert cka(linear_kernel(x), linear_kernel(3 * x @ rotation)).item() == pytest.approx(1.0)
+
+
+def test_cka_equals_the_feature_space_formula_on_uncentred_features() -> None:
+    generator = np.random.default_rng(0)
+    x, y = generator.normal(size=(7, 5)) + 2.0, generator.normal(size=(7, 3)) - 1.0
+    expected = _cka_features(x, y)
+    got = cka(linear_kernel(torch.from_numpy(x)), linear_kernel(torch.from_numpy(y)))
+    assert got.item() == pytest.approx(expected, abs=1e-12)
+    assert 0.0 < expected < 1.0
+
+
+def test_nt_xent_on_a_hand_built_batch() -> None:
+    # Two samples, identical views: every view's positive has similarity 1, both negatives 0.
+    # τ = 1: ℓ = −log(e / (e + 1 + 1)) = log(1 + 2/e) = 0.55144471...
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert nt_xent_loss(z, z.clone(), tau=1.0).item() == pytest.approx(math.log(1 + 2 / math.e))
+    assert nt_xent_loss(z, z.clone(), tau=1.0).item() == pytest.approx(0.5514447139320511)
+
+
+def test_nt_xent_equals_the_formula_summed_by_loops() -> None:
+    generator = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(3, 4, generator=generator), torch.randn(3, 4, generator=generator)
+    tau = 0.3
+    views = [v / v.norm() for v in [*z1, *z2]]
+    total = 0.0
+    for i in range(6):
+        positive = (i + 3) % 6
+        sims = {k: float(views[i] @ views[k]) / tau for k in range(6) if k != i}
+        total += -math.log(math.exp(sims[positive]) / sum(math.exp(s) for s in sims.values()))
+    assert nt_xent_loss(z1, z2, tau).item() == pytest.approx(total / 6, rel=1e-5)
+
+
+def test_pseudo_targets_keep_only_confident_labels() -> None:
+    digit = create_task("classification", "digit", 3)
+    # softmax(3, 0, 0)[0] = e³/(e³ + 2) = 0.9094 ≥ 0.8: kept; softmax(0.1, 0, 0) ≈ 0.36: dropped
+    target, keep = pseudo_targets(digit, torch.tensor([[3.0, 0.0, 0.0], [0.1, 0.0, 0.0]]), 0.8)
+    assert target.tolist() == [0, 0] and keep.tolist() == [True, False]
+    seg = create_task("semseg", "seg", 2)
+    logits = torch.zeros(1, 2, 1, 2)
+    logits[0, 1, 0, 0] = 4.0  # pixel 0: class 1 at σ(4) = 0.982; pixel 1: 0.5, unsure
+    target, keep = pseudo_targets(seg, logits, 0.9)
+    assert target.tolist() == [[[1, 255]]] and keep.tolist() == [True]
+    assert pseudo_targets(create_task("depth", "depth", 1), torch.ones(1, 1, 2, 2), 0.9) is None
+
+
+class Recorder:
+    """Keeps every train reply by (round, client)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+        self.replies: dict[tuple[int, str], RecordDict] = {}
+
+    def __call__(self, node: int, message: Message, content: RecordDict) -> None:
+        if message.metadata.message_type == "train":
+            round_ = int(str(message.content["config"]["server-round"]))
+            self.replies[(round_, self.ids[node - 101])] = content
+
+
+def _arrays(content: RecordDict) -> dict[str, torch.Tensor]:
+    if "arrays" not in content.array_records:
+        return {}
+    return {k: v.double() for k, v in content.array_records["arrays"].to_torch_state_dict().items()}
+
+
+def test_fedhenn_round_2_sends_the_weighted_mean_kernel(tmp_path: Path) -> None:
+    experiment = tiny_experiment("fedhenn", rounds=2)
+    ids = [c.client_id for c in experiment.clients]
+    grid = FakeGrid(app, len(ids))
+    recorder = Recorder(ids)
+    grid.tamper = recorder
+    run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
+    kernels = {c: _arrays(recorder.replies[(1, c)])[KERNEL] for c in ids}
+    weights = {
+        c: float(recorder.replies[(1, c)].metric_records["metrics"]["num-examples"]) for c in ids
+    }
+    assert all(k.shape == (8, 8) for k in kernels.values())  # public batch of 8
+    expected = sum(weights[c] * kernels[c] for c in ids) / sum(weights.values())
+    sent = {
+        (int(str(m.content["config"]["server-round"])), ids[m.metadata.dst_node_id - 101]): m
+        for m in grid.sent
+        if m.metadata.message_type == "train"
+    }
+    for client in ids:
+        assert _arrays(sent[(1, client)].content) == {}  # round 1: no kernel yet
+        got = _arrays(sent[(2, client)].content)
+        assert set(got) == {KERNEL}
+        torch.testing.assert_close(got[KERNEL], expected, rtol=1e-6, atol=1e-6)
+    # server signal: mean 1 − CKA(K_i, K̄), recomputed from the kernels in NumPy
+    kbar = expected.numpy()
+    centre = np.eye(8) - 1 / 8
+
+    def np_cka(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
+        h = lambda a, b: np.trace(a @ centre @ b @ centre)  # noqa: E731
+        return h(k, l) / math.sqrt(h(k, k) * h(l, l))
+
+    mean = np.mean([1 - np_cka(kernels[c].numpy(), kbar) for c in ids])
+    rows = run_dir.read_metrics()
+    first = [r for r in rows if r["round"] == 1]
+    assert first[0]["server/fedhenn/cka_distance_mean"] == pytest.approx(mean, abs=1e-6)
+    assert mean > 0  # three different encoders do not agree yet
+    # round 2: each client trained against K̄ and reports its distance to it
+    second = [r for r in rows if r["round"] == 2]
+    assert all(0 <= r["fedhenn/cka_distance"] <= 1 for r in second)
+    assert all(not _arrays(m.content) for m in grid.sent if m.metadata.message_type == "evaluate")
+
+
+def test_pseudolabel_and_simclr_act_on_the_public_set(tmp_path: Path) -> None:
+    for name, threshold in (("pseudolabel", 0.0), ("simclr", None)):
+        data = tiny_experiment(name, rounds=2).model_dump(mode="json")
+        if threshold is not None:  # keep every label: each client steps on the public set
+            data["algorithm"] = {"name": name, "threshold": threshold}
+        from fedmtl.config import parse_experiment
+
+        run_dir, grid = run_in_process(parse_experiment(data), tmp_path / name)
+        rows = [r for r in run_dir.read_metrics() if "train/loss" in r]
+        assert not any(
+            m.content.array_records for m in grid.sent if m.metadata.message_type == "train"
+        )
+        if name == "pseudolabel":
+            assert all(r["pseudolabel/kept_fraction"] == 1.0 for r in rows)
+            assert all(r["pseudolabel/steps"] == 2 and r["pseudolabel/loss"] > 0 for r in rows)
+        else:
+            first = [r for r in rows if r["round"] == 1]
+            assert all(r["simclr/steps"] == 4 for r in first)  # 2 epochs × 2 public batches
+            # NT-Xent is below log(2B − 1) only if the views are told apart; finite and positive
+            assert all(0 < r["simclr/loss"] < 10 for r in first)
+            assert not any("simclr/loss" in r for r in rows if r["round"] == 2)  # pretraining only
+
+
+@pytest.mark.parametrize("algorithm", ["pseudolabel", "simclr", "fedhenn"])
+def test_missing_public_section_exits_2_at_validate(
+    algorithm: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (ROOT / "configs" / "fedmuscle.toml").read_text()
+    head, marker, tail = text.partition("[public]")
+    assert marker
+    tail = tail.split("\n\n", 1)[1]  # drop the [public] table
+    text = (head + tail).replace('name = "fedmuscle"\n', f'name = "{algorithm}"\n', 1)
+    text = (
+        text.split("[algorithm]")[0]
+        + f'[algorithm]\nname = "{algorithm}"\n\n'
+        + ("[hyperparameters" + text.split("[hyperparameters", 1)[1])
+    )
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    assert main(["validate", str(path)]) == 2
+    out = capsys.readouterr()
+    assert f"public: {algorithm} needs a [public] dataset section" in (out.out + out.err).replace(
+        "\n", " "
+    )
