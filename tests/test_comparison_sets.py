@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from fedmtl.config import load_experiment, with_algorithm
+from fedmtl.config import load_experiment, parse_experiment, with_algorithm
 from fedmtl.preflight import preflight
 from tests.layouts import write_nyud, write_pascal_context
 
@@ -49,3 +50,29 @@ def test_mfed_table_passes_compare_preflight(tmp_path: Path) -> None:
     variants = [with_algorithm(experiment, a) for a in ("local", "fedavg_task", "mfed")]
     preflight(experiment, variants=variants)
     assert variants[1].algorithm.shares == ("encoder", "decoders", "heads")
+
+
+FEDMUSCLE_TABLE = ["local", "fedmuscle", "fedhenn", "simclr", "pseudolabel"]
+
+
+@pytest.mark.parametrize(
+    "name", ["fedmuscle_voc_paper.toml", "fedmuscle_coco_paper.toml", "fedmuscle_cifar_paper.toml"]
+)
+def test_fedmuscle_table_validates_with_its_hyperparameters(name: str) -> None:
+    # the datasets (VOC, COCO, CIFAR) are not here: what `compare` checks without reading them
+    text = (ROOT / "configs" / name).read_text()
+    experiment = parse_experiment(tomllib.loads(text), check_data=False)
+    variants = [with_algorithm(experiment, algorithm) for algorithm in FEDMUSCLE_TABLE]
+    by_name = {v.algorithm.name: v.algorithm for v in variants}
+    assert by_name["simclr"].projector_dim == 256 and by_name["simclr"].tau == 0.5
+    assert by_name["fedhenn"].eta == 1.0 and by_name["pseudolabel"].threshold == 0.9
+
+
+def test_fedmuscle_table_passes_compare_preflight_on_the_bundled_federation() -> None:
+    experiment = load_experiment(ROOT / "configs" / "fedmuscle.toml")
+    variants = [with_algorithm(experiment, algorithm) for algorithm in FEDMUSCLE_TABLE]
+    preflight(experiment, variants=variants)
+    assert {"fedhenn", "simclr", "pseudolabel"} <= set(experiment.hyperparameters)
+    from benchmarks.efficacy import FEDERATIONS
+
+    assert set(FEDMUSCLE_TABLE) <= set(FEDERATIONS["fedmuscle"][1])

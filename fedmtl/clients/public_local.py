@@ -136,10 +136,11 @@ class SimCLRClient(ClientAlgorithm):
             )
             for batch in range(len(view.batch_indices(epoch))):
                 inputs = public_batch(view, epoch, batch)
-                if isinstance(inputs, Tensor):
-                    views = [augment_images(inputs, generator) for _ in range(2)]
-                else:
-                    views = [augment_texts(list(inputs), generator) for _ in range(2)]
+                views: list[Any] = (
+                    [augment_images(inputs, generator) for _ in range(2)]
+                    if isinstance(inputs, Tensor)
+                    else [augment_texts(list(inputs), generator) for _ in range(2)]
+                )
                 with autocast(session.device):
                     z1, z2 = (
                         model.project(model.features(to_device(v, session.device))) for v in views
