@@ -23,10 +23,11 @@ ALGORITHM_NAMES = (
     "pseudolabel",
     "simclr",
     "fedhenn",
+    "cofed",
 )
 
 # Algorithms whose clients read the experiment's ``[public]`` dataset (validated up front).
-PUBLIC_ALGORITHMS = ("fedmuscle", "pseudolabel", "simclr", "fedhenn")
+PUBLIC_ALGORITHMS = ("fedmuscle", "pseudolabel", "simclr", "fedhenn", "cofed")
 
 # Encoder family → the backbone names it builds (timm model names, or the text encoders).
 BACKBONES: dict[str, tuple[str, ...]] = {

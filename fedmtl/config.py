@@ -267,6 +267,23 @@ class FedHeNNConfig(Strict):
     eta: float = Field(1.0, ge=0)
 
 
+class CoFEDConfig(Strict):
+    """CoFED: predictions on the public set up, per-task majority votes down (Cao et al., 2022).
+
+    Clients of one dataset classification task upload their predicted class of every public
+    sample; the server keeps a sample's majority class when more than ``min_agreement`` of the
+    votes agree and sends those pseudo-labels back; each client then trains ``public_epochs``
+    passes on them after its private epochs ("CoFED: Cross-silo Heterogeneous Federated
+    Multi-task Learning via Co-training", arXiv 2202.08603).
+    """
+
+    name: Literal["cofed"] = "cofed"
+    shares: ClassVar[tuple[str, ...]] = ()
+    min_agreement: float = Field(0.5, ge=0, lt=1)
+    public_weight: float = Field(1.0, gt=0)
+    public_epochs: int = Field(1, ge=1)
+
+
 AlgorithmConfig = Annotated[
     LocalConfig
     | FedAvgConfig
@@ -281,7 +298,8 @@ AlgorithmConfig = Annotated[
     | FedMuscleConfig
     | PseudoLabelConfig
     | SimCLRConfig
-    | FedHeNNConfig,
+    | FedHeNNConfig
+    | CoFEDConfig,
     Field(discriminator="name"),
 ]
 

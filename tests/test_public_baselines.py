@@ -174,7 +174,7 @@ def test_pseudolabel_and_simclr_act_on_the_public_set(tmp_path: Path) -> None:
             assert not any("simclr/loss" in r for r in rows if r["round"] == 2)  # pretraining only
 
 
-@pytest.mark.parametrize("algorithm", ["pseudolabel", "simclr", "fedhenn"])
+@pytest.mark.parametrize("algorithm", ["pseudolabel", "simclr", "fedhenn", "cofed"])
 def test_missing_public_section_exits_2_at_validate(
     algorithm: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -195,3 +195,50 @@ def test_missing_public_section_exits_2_at_validate(
     assert f"public: {algorithm} needs a [public] dataset section" in (out.out + out.err).replace(
         "\n", " "
     )
+
+
+def test_majority_vote_by_hand() -> None:
+    from fedmtl.aggregation.votes import majority_vote
+
+    # 3 voters, 4 samples: (2,2,1) → 2 at 2/3; (0,1,2) → tie, smallest class 0 at 1/3;
+    # (1,1,1) → 1 at 1; (3,0,3) → 3 at 2/3
+    votes = torch.tensor([[2, 0, 1, 3], [2, 1, 1, 0], [1, 2, 1, 3]], dtype=torch.float32)
+    labels, share = majority_vote(votes, min_agreement=0.5)
+    assert labels.tolist() == [2, -1, 1, 3]
+    torch.testing.assert_close(share, torch.tensor([2 / 3, 1 / 3, 1.0, 2 / 3], dtype=torch.float64))
+    labels, _ = majority_vote(votes, min_agreement=0.0)
+    assert labels.tolist() == [2, 0, 1, 3]  # no threshold: the tie goes to the smallest class
+
+
+def test_cofed_round_2_sends_the_digit_clients_their_unanimous_votes(tmp_path: Path) -> None:
+    experiment = tiny_experiment("cofed", rounds=2)
+    ids = [c.client_id for c in experiment.clients]
+    grid = FakeGrid(app, len(ids))
+    recorder = Recorder(ids)
+    grid.tamper = recorder
+    run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
+    a = _arrays(recorder.replies[(1, "a-digit")])["cofed/pred/digit"]
+    b = _arrays(recorder.replies[(1, "b-digit")])["cofed/pred/digit"]
+    assert a.shape == (16,) and _arrays(recorder.replies[(1, "c-seg-depth")]) == {}
+    # two voters, min_agreement 0.5: a label only where both predicted the same class
+    expected = torch.where(a == b, a, torch.full_like(a, -1.0))
+    sent = {
+        (int(str(m.content["config"]["server-round"])), ids[m.metadata.dst_node_id - 101]): m
+        for m in grid.sent
+        if m.metadata.message_type == "train"
+    }
+    for client in ("a-digit", "b-digit"):
+        assert _arrays(sent[(1, client)].content) == {}
+        torch.testing.assert_close(
+            _arrays(sent[(2, client)].content)["cofed/labels/digit"], expected
+        )
+    assert _arrays(sent[(2, "c-seg-depth")].content) == {}  # no partner: local
+    rows = run_dir.read_metrics()
+    first = next(r for r in rows if r["round"] == 1)
+    assert first["server/cofed/pseudo_labels"] == float((a == b).sum())
+    assert first["server/cofed/agreement_mean"] == pytest.approx(
+        float(((a == b).double() + 0.5 * (a != b).double()).mean())
+    )
+    second = {r["client_id"]: r for r in rows if r["round"] == 2}
+    assert second["a-digit"]["cofed/labels"] == float((a == b).sum())
+    assert "cofed/labels" not in second["c-seg-depth"]

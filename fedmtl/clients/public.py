@@ -84,6 +84,17 @@ def public_batch(view: PublicDataset, epoch: int, batch: int) -> Tensor | list[s
     return inputs
 
 
+def ordered_batches(view: PublicDataset) -> Iterator[tuple[Tensor, Tensor | list[str]]]:
+    """``(positions, inputs)`` over the public samples in selection order, ``batch_size`` at once.
+
+    For what must be indexed by public sample (CoFED's predictions and labels), not shuffled.
+    """
+    for start in range(0, len(view), view.batch_size):
+        positions = torch.arange(start, min(start + view.batch_size, len(view)))
+        inputs, _ = collate([view.samples[int(p)] for p in positions])
+        yield positions, inputs
+
+
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device) -> Iterator[None]:
     """Run a block under a fixed torch RNG (dropout masks), restoring the RNG afterwards."""

@@ -2,6 +2,7 @@
 
 from fedmtl.strategies import (
     baselines,  # noqa: F401  (registers the baseline strategies)
+    cofed,  # noqa: F401  (registers CoFED)
     fedamp,  # noqa: F401  (registers FedAMP)
     fedavg_task,  # noqa: F401  (registers per-task FedAvg)
     fedhca2,  # noqa: F401  (registers FedHCA²)
