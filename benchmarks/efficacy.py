@@ -42,7 +42,7 @@ BASELINES = ["local", "fedavg", "fedprox", "fedper", "ditto"]
 # the papers' tables are reproduced (on the quickstart, per-task FedAvg finds no task group).
 COMPARISON = ["fedavg_task", "fedamp", "matfl"]
 # FedMuscle's comparison baselines (its Table 1) read the public set: its federation only.
-FEDMUSCLE_COMPARISON = ["fedhenn", "cofed", "simclr", "pseudolabel"]
+FEDMUSCLE_COMPARISON = ["fedhenn", "cofed", "fedrcl", "simclr", "pseudolabel"]
 FEDERATIONS: dict[str, tuple[str, list[str]]] = {
     "quickstart": ("configs/quickstart.toml", BASELINES),
     "mfed": ("configs/mfed.toml", [*BASELINES, *COMPARISON, "mfed", "fedhca2"]),

@@ -24,6 +24,7 @@ ALGORITHM_NAMES = (
     "simclr",
     "fedhenn",
     "cofed",
+    "fedrcl",
 )
 
 # Algorithms whose clients read the experiment's ``[public]`` dataset (validated up front).

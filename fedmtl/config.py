@@ -284,6 +284,25 @@ class CoFEDConfig(Strict):
     public_epochs: int = Field(1, ge=1)
 
 
+class FedRCLConfig(Strict):
+    """FedRCL: FedAvg plus a local relaxed supervised contrastive loss (Seo et al., CVPR 2024).
+
+    Encoders and decoders are averaged as FedAvg's (among equal architectures and tasks); each
+    client adds ``weight·(SCL + beta·penalty)`` on its pooled encoder features and the labels of
+    its first classification task: SCL with the hardest positive and ``topk_neg`` hardest
+    negatives at temperature ``tau``, and a divergence penalty on same-class pairs more
+    similar than ``threshold`` ("Relaxed Contrastive Learning for Federated Learning").
+    """
+
+    name: Literal["fedrcl"] = "fedrcl"
+    shares: ClassVar[tuple[str, ...]] = ("encoder", "decoders")
+    tau: float = Field(0.05, gt=0)
+    threshold: float = Field(0.7, ge=-1, le=1)
+    topk_neg: int = Field(2, ge=1)
+    beta: float = Field(1.0, ge=0)
+    weight: float = Field(1.0, ge=0)
+
+
 AlgorithmConfig = Annotated[
     LocalConfig
     | FedAvgConfig
@@ -299,7 +318,8 @@ AlgorithmConfig = Annotated[
     | PseudoLabelConfig
     | SimCLRConfig
     | FedHeNNConfig
-    | CoFEDConfig,
+    | CoFEDConfig
+    | FedRCLConfig,
     Field(discriminator="name"),
 ]
 

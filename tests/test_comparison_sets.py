@@ -52,7 +52,7 @@ def test_mfed_table_passes_compare_preflight(tmp_path: Path) -> None:
     assert variants[1].algorithm.shares == ("encoder", "decoders", "heads")
 
 
-FEDMUSCLE_TABLE = ["local", "fedmuscle", "fedhenn", "cofed", "simclr", "pseudolabel"]
+FEDMUSCLE_TABLE = ["local", "fedmuscle", "fedhenn", "cofed", "fedrcl", "simclr", "pseudolabel"]
 
 
 @pytest.mark.parametrize(
@@ -67,13 +67,14 @@ def test_fedmuscle_table_validates_with_its_hyperparameters(name: str) -> None:
     assert by_name["simclr"].projector_dim == 256 and by_name["simclr"].tau == 0.5
     assert by_name["fedhenn"].eta == 1.0 and by_name["pseudolabel"].threshold == 0.9
     assert by_name["cofed"].min_agreement == 0.5
+    assert (by_name["fedrcl"].tau, by_name["fedrcl"].threshold) == (0.05, 0.7)
 
 
 def test_fedmuscle_table_passes_compare_preflight_on_the_bundled_federation() -> None:
     experiment = load_experiment(ROOT / "configs" / "fedmuscle.toml")
     variants = [with_algorithm(experiment, algorithm) for algorithm in FEDMUSCLE_TABLE]
     preflight(experiment, variants=variants)
-    assert {"fedhenn", "cofed", "simclr", "pseudolabel"} <= set(experiment.hyperparameters)
+    assert set(FEDMUSCLE_TABLE[2:]) <= set(experiment.hyperparameters)  # the baselines
     from benchmarks.efficacy import FEDERATIONS
 
     assert set(FEDMUSCLE_TABLE) <= set(FEDERATIONS["fedmuscle"][1])

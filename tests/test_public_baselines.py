@@ -242,3 +242,59 @@ def test_cofed_round_2_sends_the_digit_clients_their_unanimous_votes(tmp_path: P
     second = {r["client_id"]: r for r in rows if r["round"] == 2}
     assert second["a-digit"]["cofed/labels"] == float((a == b).sum())
     assert "cofed/labels" not in second["c-seg-depth"]
+
+
+def test_relaxed_contrastive_loss_on_a_hand_built_batch() -> None:
+    from fedmtl.losses.relaxed import relaxed_contrastive_loss
+
+    # classes 0, 0, 1, 1; similarities s01 = 0.8, s02 = 0, s03 = −1, s12 = 0.6, s13 = −0.8,
+    # s23 = 0. τ = 0.5, one hardest negative, threshold 0.7.
+    features = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    terms = relaxed_contrastive_loss(features, labels, tau=0.5, threshold=0.7, topk_neg=1)
+    # SCL per anchor, −log(e^{p/τ} / (e^{p/τ} + e^{n/τ})) = log(1 + e^{(n − p)/τ}):
+    #   0: p = 0.8, n = 0   → log(1 + e^−1.6);  1: p = 0.8, n = 0.6 → log(1 + e^−0.4)
+    #   2: p = 0,   n = 0.6 → log(1 + e^1.2);   3: p = 0,   n = −0.8 → log(1 + e^−1.6)
+    scl = 2 * math.log1p(math.exp(-1.6)) + math.log1p(math.exp(-0.4)) + math.log1p(math.exp(1.2))
+    assert terms.scl.item() == pytest.approx(scl / 4, rel=1e-6)
+    assert terms.scl.item() == pytest.approx(0.58602480, abs=1e-6)
+    # penalty: anchors 0 and 1 (their class-mate at 0.8 ≥ 0.7): log(1 + e^{(0.8 − 1)/τ}) each
+    assert terms.penalty.item() == pytest.approx(2 * math.log1p(math.exp(-0.4)) / 4, rel=1e-6)
+    assert terms.penalty.item() == pytest.approx(0.25650766, abs=1e-6)
+    assert terms.penalised_fraction == 0.5
+    # above every similarity, the relaxation never acts
+    loose = relaxed_contrastive_loss(features, labels, tau=0.5, threshold=0.9, topk_neg=1)
+    assert loose.penalty.item() == 0.0 and loose.penalised_fraction == 0.0
+
+
+def test_relaxed_contrastive_loss_equals_its_formula_by_loops() -> None:
+    from fedmtl.losses.relaxed import relaxed_contrastive_loss
+
+    generator = torch.Generator().manual_seed(4)
+    features = torch.randn(7, 3, generator=generator)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 1])
+    tau, threshold, k = 0.3, 0.2, 2
+    z = [f / f.norm() for f in features]
+    scl = penalty = 0.0
+    for i in range(7):
+        s = [float(z[i] @ z[j]) for j in range(7)]
+        p = min(s[j] for j in range(7) if labels[j] == labels[i])  # itself included (1)
+        negatives = sorted((s[j] for j in range(7) if labels[j] != labels[i]), reverse=True)[:k]
+        scl += math.log(1 + sum(math.exp((n - p) / tau) for n in negatives))
+        mates = [s[j] for j in range(7) if j != i and labels[j] == labels[i]]
+        if mates and min(mates) >= threshold:
+            penalty += math.log(1 + math.exp((min(mates) - 1) / tau))
+    terms = relaxed_contrastive_loss(features, labels, tau, threshold, k)
+    assert terms.scl.item() == pytest.approx(scl / 7, rel=1e-5)
+    assert terms.penalty.item() == pytest.approx(penalty / 7, rel=1e-5, abs=1e-9)
+
+
+def test_fedrcl_clients_report_the_contrastive_terms(tmp_path: Path) -> None:
+    run_dir, _ = run_in_process(tiny_experiment("fedrcl", rounds=2), tmp_path)
+    rows = [r for r in run_dir.read_metrics() if "train/loss" in r]
+    digit = [r for r in rows if r["client_id"] != "c-seg-depth"]
+    assert digit and all(r["fedrcl/scl_loss"] > 0 for r in digit)
+    assert all(0 <= r["fedrcl/penalised_fraction"] <= 1 for r in digit)
+    # no classification task: FedAvg alone
+    assert not any("fedrcl/scl_loss" in r for r in rows if r["client_id"] == "c-seg-depth")
+    assert rows[0]["server/groups"] >= 1  # FedAvg's groups were averaged

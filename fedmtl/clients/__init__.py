@@ -7,6 +7,7 @@ from fedmtl.clients import (
     fedhca2,  # noqa: F401  (registers the FedHCA² client)
     fedhenn,  # noqa: F401  (registers the FedHeNN client)
     fedmuscle,  # noqa: F401  (registers the FedMuscle client)
+    fedrcl,  # noqa: F401  (registers the FedRCL client)
     matfl,  # noqa: F401  (registers the MaT-FL client)
     mfed,  # noqa: F401  (registers the M-Fed client)
     public_local,  # noqa: F401  (registers the pseudo-labelling and SimCLR clients)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fedmtl.catalog import ALGORITHM_NAMES
 from fedmtl.clients.session import ClientSession
-from fedmtl.clients.training import TrainStats, train_epochs
+from fedmtl.clients.training import BatchLoss, TrainStats, train_epochs
 from fedmtl.config import Experiment
 from fedmtl.data import SampleSet
 from fedmtl.messages import UPLOAD_GROUPS
@@ -93,6 +93,12 @@ class ClientAlgorithm:
         """A regulariser added to the task loss (none for FedAvg)."""
         return None
 
+    def batch_loss(
+        self, received: Mapping[str, Tensor], config: Mapping[str, Any]
+    ) -> BatchLoss | None:
+        """A term of each training batch, ``(model, targets) → loss`` (FedRCL's); none here."""
+        return None
+
     def after_training(
         self,
         model: nn.Module,
@@ -135,6 +141,7 @@ class ClientAlgorithm:
             session.client.training,
             session.device,
             extra_loss=self.extra_loss(received, config),
+            batch_loss=self.batch_loss(received, config),
         )
         metrics: dict[str, float | int] = {
             "num-examples": len(train_data),

@@ -216,6 +216,11 @@ class FedPer(GroupAveraging):
     """FedAvg over encoders only; decoders and heads are personal."""
 
 
+@register_strategy("fedrcl")
+class FedRCL(GroupAveraging):
+    """FedAvg on the server; clients add the relaxed supervised contrastive loss."""
+
+
 @register_strategy("ditto")
 class Ditto(GroupAveraging):
     """FedAvg of the global model; each client also keeps a regularised personal model."""
