@@ -303,6 +303,23 @@ class FedRCLConfig(Strict):
     weight: float = Field(1.0, ge=0)
 
 
+class FedDFConfig(Strict):
+    """FedDF: FedAvg per architecture prototype, then ensemble distillation on the public set.
+
+    Groups are averaged as FedAvg's (encoders among equal architectures, decoders among equal
+    ones of the same dataset task; heads personal); the ensemble target of a classification
+    task is the mean of its clients' logits on the public set, distilled into each prototype
+    for ``distill_epochs`` passes with temperature ``temperature`` (Lin et al., "Ensemble
+    Distillation for Robust Model Fusion in Federated Learning", NeurIPS 2020).
+    """
+
+    name: Literal["feddf"] = "feddf"
+    shares: ClassVar[tuple[str, ...]] = ("encoder", "decoders")
+    temperature: float = Field(1.0, gt=0)
+    distill_epochs: int = Field(1, ge=1)
+    distill_lr: float | None = Field(None, gt=0)
+
+
 AlgorithmConfig = Annotated[
     LocalConfig
     | FedAvgConfig
@@ -319,7 +336,8 @@ AlgorithmConfig = Annotated[
     | SimCLRConfig
     | FedHeNNConfig
     | CoFEDConfig
-    | FedRCLConfig,
+    | FedRCLConfig
+    | FedDFConfig,
     Field(discriminator="name"),
 ]
 
@@ -862,6 +880,7 @@ def _check_data(experiment: Experiment, *, check_files: bool) -> None:
                 )
         _check_client_modality(i, client, dataset)
     _check_public_views(experiment)
+    _check_partners(experiment)
     partitions: dict[str, list[ClientConfig]] = {}
     for client in experiment.clients:
         partitions.setdefault(client.dataset, []).append(client)
@@ -873,6 +892,55 @@ def _check_data(experiment: Experiment, *, check_files: bool) -> None:
             raise ConfigError(
                 f"datasets.{name}.partition.scheme: 'sizes' needs clients[].samples for {missing}"
             )
+
+
+CLASS_KINDS = ("classification", "text_classification")
+# Algorithms that exchange something per classification task among the clients holding it.
+PARTNER_ALGORITHMS = ("cofed", "feddf")
+
+
+def partnered_class_tasks(experiment: Experiment, client_id: str) -> list[str]:
+    """The client's classification tasks another client of its dataset holds, in task order.
+
+    CoFED votes and FedDF distils on these (a task no other client holds has no ensemble).
+    Classification means a ``classification`` or ``text_classification`` kind in the
+    dataset's (static) task table.
+    """
+    from fedmtl.data import dataset_task_table
+
+    client = next(c for c in experiment.clients if c.client_id == client_id)
+    dataset = experiment.datasets[client.dataset]
+    table = dataset_task_table(dataset.kind, **dataset.options)
+    out = []
+    for task in client.tasks:
+        if table[task].kind not in CLASS_KINDS:
+            continue
+        holders = [c for c in experiment.clients if c.dataset == client.dataset and task in c.tasks]
+        if len(holders) >= 2:
+            out.append(task)
+    return out
+
+
+def task_group(experiment: Experiment, client_id: str, task: str) -> str:
+    """The clients whose ``task`` is one task: those of one dataset (``<dataset>/<task>``)."""
+    client = next(c for c in experiment.clients if c.client_id == client_id)
+    return f"{client.dataset}/{task}"
+
+
+def _check_partners(experiment: Experiment) -> None:
+    """CoFED and FedDF need at least one classification task that two clients hold."""
+    name = experiment.algorithm.name
+    if name not in PARTNER_ALGORITHMS:
+        return
+    if any(partnered_class_tasks(experiment, c.client_id) for c in experiment.clients):
+        return
+    alone = ", ".join(
+        f"{c.client_id} ({c.dataset}: {', '.join(c.tasks)})" for c in experiment.clients
+    )
+    raise ConfigError(
+        f"algorithm.name: {name} needs two clients of one dataset sharing a classification "
+        f"task, and no client has such a partner: {alone}"
+    )
 
 
 def _check_client_modality(index: int, client: ClientConfig, dataset: DatasetConfig) -> None:

@@ -52,7 +52,16 @@ def test_mfed_table_passes_compare_preflight(tmp_path: Path) -> None:
     assert variants[1].algorithm.shares == ("encoder", "decoders", "heads")
 
 
-FEDMUSCLE_TABLE = ["local", "fedmuscle", "fedhenn", "cofed", "fedrcl", "simclr", "pseudolabel"]
+FEDMUSCLE_TABLE = [
+    "local",
+    "fedmuscle",
+    "fedhenn",
+    "cofed",
+    "feddf",
+    "fedrcl",
+    "simclr",
+    "pseudolabel",
+]
 
 
 @pytest.mark.parametrize(
@@ -66,7 +75,7 @@ def test_fedmuscle_table_validates_with_its_hyperparameters(name: str) -> None:
     by_name = {v.algorithm.name: v.algorithm for v in variants}
     assert by_name["simclr"].projector_dim == 256 and by_name["simclr"].tau == 0.5
     assert by_name["fedhenn"].eta == 1.0 and by_name["pseudolabel"].threshold == 0.9
-    assert by_name["cofed"].min_agreement == 0.5
+    assert by_name["cofed"].min_agreement == 0.5 and by_name["feddf"].temperature == 1.0
     assert (by_name["fedrcl"].tau, by_name["fedrcl"].threshold) == (0.05, 0.7)
 
 

@@ -174,7 +174,7 @@ def test_pseudolabel_and_simclr_act_on_the_public_set(tmp_path: Path) -> None:
             assert not any("simclr/loss" in r for r in rows if r["round"] == 2)  # pretraining only
 
 
-@pytest.mark.parametrize("algorithm", ["pseudolabel", "simclr", "fedhenn", "cofed"])
+@pytest.mark.parametrize("algorithm", ["pseudolabel", "simclr", "fedhenn", "cofed", "feddf"])
 def test_missing_public_section_exits_2_at_validate(
     algorithm: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -298,3 +298,66 @@ def test_fedrcl_clients_report_the_contrastive_terms(tmp_path: Path) -> None:
     # no classification task: FedAvg alone
     assert not any("fedrcl/scl_loss" in r for r in rows if r["client_id"] == "c-seg-depth")
     assert rows[0]["server/groups"] >= 1  # FedAvg's groups were averaged
+
+
+def test_distillation_loss_by_hand() -> None:
+    from fedmtl.losses.distillation import distillation_loss
+
+    # teacher softmax(ln 3, 0) = (3/4, 1/4), student softmax(0, 0) = (1/2, 1/2):
+    # KL = 3/4·ln(3/2) + 1/4·ln(1/2) = 0.13081203...
+    teacher = torch.tensor([[math.log(3.0), 0.0]])
+    student = torch.zeros(1, 2)
+    expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert distillation_loss(student, teacher, 1.0).item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(0.1308120, abs=1e-7)
+    # T = 2: softmax(ln3/2, 0) = (√3/(√3+1), 1/(√3+1)); times T² = 4
+    p = math.sqrt(3) / (math.sqrt(3) + 1)
+    kl = p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))
+    assert distillation_loss(student, teacher, 2.0).item() == pytest.approx(4 * kl, rel=1e-6)
+
+
+def test_feddf_distillation_target_is_the_mean_of_the_ensembles_logits(tmp_path: Path) -> None:
+    experiment = tiny_experiment("feddf", rounds=2)
+    ids = [c.client_id for c in experiment.clients]
+    grid = FakeGrid(app, len(ids))
+    recorder = Recorder(ids)
+    grid.tamper = recorder
+    run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
+    a = _arrays(recorder.replies[(1, "a-digit")])["feddf/logits/digit"]
+    b = _arrays(recorder.replies[(1, "b-digit")])["feddf/logits/digit"]
+    assert a.shape == (16, 10) and not torch.equal(a, b)
+    assert not any(k.startswith("feddf/") for k in _arrays(recorder.replies[(1, "c-seg-depth")]))
+    sent = {
+        (int(str(m.content["config"]["server-round"])), ids[m.metadata.dst_node_id - 101]): m
+        for m in grid.sent
+        if m.metadata.message_type == "train"
+    }
+    for client in ("a-digit", "b-digit"):
+        got = _arrays(sent[(2, client)].content)
+        torch.testing.assert_close(got["feddf/target/digit"], (a + b) / 2, rtol=1e-6, atol=1e-6)
+        assert any(k.startswith("encoder.") for k in got)  # the prototype: FedAvg's encoder
+    assert not any(k.startswith("feddf/") for k in _arrays(sent[(2, "c-seg-depth")].content))
+    rows = run_dir.read_metrics()
+    first = next(r for r in rows if r["round"] == 1)
+    spread = float(((a - (a + b) / 2) ** 2).mean())  # both members are equally far
+    assert first["server/feddf/ensemble_spread"] == pytest.approx(spread, rel=1e-5)
+    second = {r["client_id"]: r for r in rows if r["round"] == 2}
+    assert (
+        second["a-digit"]["feddf/distill_steps"] == 2
+        and second["a-digit"]["feddf/distill_loss"] > 0
+    )
+    assert "feddf/distill_loss" not in second["c-seg-depth"]
+
+
+@pytest.mark.parametrize("algorithm", ["cofed", "feddf"])
+def test_no_same_task_partner_anywhere_is_refused_naming_the_clients(algorithm: str) -> None:
+    from fedmtl.config import ConfigError, parse_experiment
+
+    data = tiny_experiment("local", rounds=1).model_dump(mode="json")
+    data["algorithm"] = {"name": algorithm}
+    data["clients"] = [c for c in data["clients"] if c["client_id"] != "b-digit"]
+    with pytest.raises(ConfigError) as caught:
+        parse_experiment(data)
+    message = str(caught.value)
+    assert f"{algorithm} needs two clients of one dataset sharing a classification task" in message
+    assert "a-digit (digits: digit)" in message and "c-seg-depth" in message

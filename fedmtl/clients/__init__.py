@@ -4,6 +4,7 @@ from fedmtl.clients import (
     baselines,  # noqa: F401  (registers the baseline client algorithms)
     cofed,  # noqa: F401  (registers the CoFED client)
     fedamp,  # noqa: F401  (registers the FedAMP client)
+    feddf,  # noqa: F401  (registers the FedDF client)
     fedhca2,  # noqa: F401  (registers the FedHCA² client)
     fedhenn,  # noqa: F401  (registers the FedHeNN client)
     fedmuscle,  # noqa: F401  (registers the FedMuscle client)

@@ -18,10 +18,9 @@ from torch.utils.hooks import RemovableHandle
 
 from fedmtl.clients.base import ClientAlgorithm, register_client_algorithm
 from fedmtl.clients.training import BatchLoss
+from fedmtl.config import CLASS_KINDS
 from fedmtl.losses.relaxed import relaxed_contrastive_loss
 from fedmtl.models import MultiTaskModel
-
-CLASS_KINDS = ("classification", "text_classification")
 
 
 @register_client_algorithm("fedrcl")

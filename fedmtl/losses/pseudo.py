@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fedmtl.config import CLASS_KINDS
 from fedmtl.tasks import Task
 
-CLASS_KINDS = ("classification", "text_classification")
 BINARY_DENSE_KINDS = ("saliency", "edge")
 
 

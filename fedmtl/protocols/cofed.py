@@ -11,10 +11,7 @@ not agree enough. A client with no vote task sends and receives nothing: it trai
 
 from __future__ import annotations
 
-from fedmtl.config import Experiment
-from fedmtl.data import dataset_task_table
-
-CLASS_KINDS = ("classification", "text_classification")
+from fedmtl.config import Experiment, partnered_class_tasks, task_group
 
 
 def prediction_key(task: str) -> str:
@@ -27,25 +24,9 @@ def labels_key(task: str) -> str:
     return f"cofed/labels/{task}"
 
 
-def task_group(experiment: Experiment, client_id: str, task: str) -> str:
-    """Who votes together: the clients of one dataset task (``<dataset>/<task>``)."""
-    client = next(c for c in experiment.clients if c.client_id == client_id)
-    return f"{client.dataset}/{task}"
-
-
 def vote_tasks(experiment: Experiment, client_id: str) -> list[str]:
-    """The client's classification tasks that another client holds too, in its task order."""
-    client = next(c for c in experiment.clients if c.client_id == client_id)
-    dataset = experiment.datasets[client.dataset]
-    table = dataset_task_table(dataset.kind, **dataset.options)
-    out = []
-    for task in client.tasks:
-        if table[task].kind not in CLASS_KINDS:
-            continue
-        holders = [c for c in experiment.clients if c.dataset == client.dataset and task in c.tasks]
-        if len(holders) >= 2:
-            out.append(task)
-    return out
+    """The client's classification tasks another client holds too (it votes on these)."""
+    return partnered_class_tasks(experiment, client_id)
 
 
 def public_size(experiment: Experiment) -> int:
@@ -59,3 +40,12 @@ def public_size(experiment: Experiment) -> int:
     if experiment.public is None:
         raise ValueError("public: cofed needs a [public] dataset section")
     return experiment.public.size
+
+
+__all__ = [
+    "labels_key",
+    "prediction_key",
+    "public_size",
+    "task_group",
+    "vote_tasks",
+]
