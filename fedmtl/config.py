@@ -880,7 +880,7 @@ def _check_data(experiment: Experiment, *, check_files: bool) -> None:
                 )
         _check_client_modality(i, client, dataset)
     _check_public_views(experiment)
-    _check_partners(experiment)
+    check_partners(experiment)
     partitions: dict[str, list[ClientConfig]] = {}
     for client in experiment.clients:
         partitions.setdefault(client.dataset, []).append(client)
@@ -927,8 +927,14 @@ def task_group(experiment: Experiment, client_id: str, task: str) -> str:
     return f"{client.dataset}/{task}"
 
 
-def _check_partners(experiment: Experiment) -> None:
-    """CoFED and FedDF need at least one classification task that two clients hold."""
+def check_partners(experiment: Experiment) -> None:
+    """CoFED and FedDF need at least one classification task that two clients hold.
+
+    Raises
+    ------
+    ConfigError
+        Naming every client and its tasks, when none has such a partner.
+    """
     name = experiment.algorithm.name
     if name not in PARTNER_ALGORITHMS:
         return

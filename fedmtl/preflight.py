@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedmtl.catalog import PUBLIC_ALGORITHMS
-from fedmtl.config import ConfigError, Experiment, check_paths
+from fedmtl.config import ConfigError, Experiment, check_partners, check_paths
 
 if TYPE_CHECKING:
     from fedmtl.data import DatasetSource
@@ -40,7 +40,7 @@ def preflight(experiment: Experiment, *, variants: Iterable[Experiment] = ()) ->
         A parsed experiment (schema, task tables and paths already checked).
     variants : iterable of Experiment
         The same experiment with the other algorithms ``compare`` runs: their models (e.g.
-        FedMuscle's projector) are built too.
+        FedMuscle's projector) are built too, and CoFED's and FedDF's same-task partners found.
 
     Raises
     ------
@@ -56,6 +56,7 @@ def preflight(experiment: Experiment, *, variants: Iterable[Experiment] = ()) ->
     check_models(experiment)
     for variant in variants:
         check_models(variant)
+        check_partners(variant)  # CoFED and FedDF in a comparison need a same-task partner
     check_datasets(experiment)
 
 

@@ -192,9 +192,8 @@ def test_missing_public_section_exits_2_at_validate(
     path.write_text(text)
     assert main(["validate", str(path)]) == 2
     out = capsys.readouterr()
-    assert f"public: {algorithm} needs a [public] dataset section" in (out.out + out.err).replace(
-        "\n", " "
-    )
+    text = " ".join((out.out + out.err).split())  # the console wraps long lines
+    assert f"public: {algorithm} needs a [public] dataset section" in text
 
 
 def test_majority_vote_by_hand() -> None:
@@ -361,3 +360,19 @@ def test_no_same_task_partner_anywhere_is_refused_naming_the_clients(algorithm: 
     message = str(caught.value)
     assert f"{algorithm} needs two clients of one dataset sharing a classification task" in message
     assert "a-digit (digits: digit)" in message and "c-seg-depth" in message
+
+
+def test_validate_refuses_a_comparison_whose_cofed_has_no_partner(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the bundled federation without digit-resnet18: digit-vit-tiny's digits task is alone
+    head, *clients = (ROOT / "configs" / "fedmuscle.toml").read_text().split("[[clients]]")
+    kept = [c for c in clients if 'client_id = "digit-resnet18"' not in c]
+    assert len(kept) == len(clients) - 1
+    path = tmp_path / "alone.toml"
+    path.write_text("[[clients]]".join([head, *kept]))
+    assert main(["validate", str(path)]) == 2  # its [hyperparameters.cofed] cannot run here
+    out = capsys.readouterr()
+    text = " ".join((out.out + out.err).split())  # the console wraps long lines
+    assert "cofed needs two clients of one dataset sharing a classification task" in text
+    assert "digit-vit-tiny (digits: digit)" in text
