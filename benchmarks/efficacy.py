@@ -41,11 +41,16 @@ BASELINES = ["local", "fedavg", "fedprox", "fedper", "ditto"]
 # comparison baselines (FedAMP, MaT-FL, per-task FedAvg) run on those two federations, where
 # the papers' tables are reproduced (on the quickstart, per-task FedAvg finds no task group).
 COMPARISON = ["fedavg_task", "fedamp", "matfl"]
+# FedMuscle's comparison baselines (its Table 1) read the public set: its federation only.
+FEDMUSCLE_COMPARISON = ["fedhenn", "cofed", "feddf", "fedrcl", "simclr", "pseudolabel"]
 FEDERATIONS: dict[str, tuple[str, list[str]]] = {
     "quickstart": ("configs/quickstart.toml", BASELINES),
     "mfed": ("configs/mfed.toml", [*BASELINES, *COMPARISON, "mfed", "fedhca2"]),
     "fedhca2": ("configs/fedhca2.toml", [*BASELINES, *COMPARISON, "mfed", "fedhca2"]),
-    "fedmuscle": ("configs/fedmuscle.toml", ["local", "fedavg", "fedper", "fedmuscle"]),
+    "fedmuscle": (
+        "configs/fedmuscle.toml",
+        ["local", "fedavg", "fedper", "fedmuscle", *FEDMUSCLE_COMPARISON],
+    ),
 }
 
 
@@ -140,6 +145,9 @@ def mechanism(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     families = {
         "fedmuscle/align_loss": lambda k: k == "fedmuscle/align_loss",
         "fedmuscle/chance_loss": lambda k: k == "fedmuscle/chance_loss",
+        "fedhenn/cka_distance_mean": lambda k: k == "fedhenn/cka_distance_mean",
+        "cofed/agreement_mean": lambda k: k == "cofed/agreement_mean",
+        "feddf/ensemble_spread": lambda k: k == "feddf/ensemble_spread",
         "mfed/distance (mean over task groups)": lambda k: k.startswith("mfed/distance/"),
         "fedhca2/alpha (mean over clients)": lambda k: k.startswith("fedhca2/alpha/"),
         "fedhca2/beta (mean)": lambda k: k.startswith("fedhca2/beta/"),

@@ -20,7 +20,16 @@ ALGORITHM_NAMES = (
     "mfed",
     "fedhca2",
     "fedmuscle",
+    "pseudolabel",
+    "simclr",
+    "fedhenn",
+    "cofed",
+    "fedrcl",
+    "feddf",
 )
+
+# Algorithms whose clients read the experiment's ``[public]`` dataset (validated up front).
+PUBLIC_ALGORITHMS = ("fedmuscle", "pseudolabel", "simclr", "fedhenn", "cofed", "feddf")
 
 # Encoder family → the backbone names it builds (timm model names, or the text encoders).
 BACKBONES: dict[str, tuple[str, ...]] = {

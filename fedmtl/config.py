@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from fedmtl.catalog import ALGORITHM_NAMES, TEXT_BACKBONES, backbone_family
+from fedmtl.catalog import ALGORITHM_NAMES, PUBLIC_ALGORITHMS, TEXT_BACKBONES, backbone_family
 
 
 class ConfigError(ValueError):
@@ -221,6 +221,105 @@ class FedMuscleConfig(Strict):
         return self
 
 
+class PseudoLabelConfig(Strict):
+    """Local pseudo-labelling of the public set (Lee, 2013); nothing is exchanged.
+
+    After each round's local epochs the client labels public batches with its own model and
+    trains ``public_epochs`` passes on the confident ones: a class (or pixel) is kept when its
+    probability is at least ``threshold``; regression tasks (depth, normals) get none.
+    """
+
+    name: Literal["pseudolabel"] = "pseudolabel"
+    shares: ClassVar[tuple[str, ...]] = ()
+    threshold: float = Field(0.9, ge=0, lt=1)
+    public_weight: float = Field(1.0, gt=0)
+    public_epochs: int = Field(1, ge=1)
+
+
+class SimCLRConfig(Strict):
+    """Local SimCLR pretraining on the public set, then the tasks; nothing is exchanged.
+
+    In each of the first ``pretrain_rounds`` rounds the client runs ``contrastive_epochs``
+    passes of NT-Xent (temperature ``tau``) on two augmentations of every public batch, over
+    its encoder and projector, before its local epochs (Chen et al., ICML 2020).
+    """
+
+    name: Literal["simclr"] = "simclr"
+    shares: ClassVar[tuple[str, ...]] = ()
+    projector_dim: int = Field(128, ge=2)
+    tau: float = Field(0.5, gt=0)
+    pretrain_rounds: int = Field(1, ge=1)
+    contrastive_epochs: int = Field(2, ge=1)
+    contrastive_lr: float | None = Field(None, gt=0)
+
+
+class FedHeNNConfig(Strict):
+    """FedHeNN: a global kernel of public-set representations; no weights are exchanged.
+
+    Clients send the linear kernel of their representations of a public batch, the server
+    averages the kernels, and each client adds ``eta·(1 − CKA(K_local, K_global))`` to its task
+    loss (Makhija et al., "Architecture Agnostic Federated Learning for Neural Networks",
+    ICML 2022).
+    """
+
+    name: Literal["fedhenn"] = "fedhenn"
+    shares: ClassVar[tuple[str, ...]] = ()
+    eta: float = Field(1.0, ge=0)
+
+
+class CoFEDConfig(Strict):
+    """CoFED: predictions on the public set up, per-task majority votes down (Cao et al., 2022).
+
+    Clients of one dataset classification task upload their predicted class of every public
+    sample; the server keeps a sample's majority class when more than ``min_agreement`` of the
+    votes agree and sends those pseudo-labels back; each client then trains ``public_epochs``
+    passes on them after its private epochs ("CoFED: Cross-silo Heterogeneous Federated
+    Multi-task Learning via Co-training", arXiv 2202.08603).
+    """
+
+    name: Literal["cofed"] = "cofed"
+    shares: ClassVar[tuple[str, ...]] = ()
+    min_agreement: float = Field(0.5, ge=0, lt=1)
+    public_weight: float = Field(1.0, gt=0)
+    public_epochs: int = Field(1, ge=1)
+
+
+class FedRCLConfig(Strict):
+    """FedRCL: FedAvg plus a local relaxed supervised contrastive loss (Seo et al., CVPR 2024).
+
+    Encoders and decoders are averaged as FedAvg's (among equal architectures and tasks); each
+    client adds ``weight·(SCL + beta·penalty)`` on its pooled encoder features and the labels of
+    its first classification task: SCL with the hardest positive and ``topk_neg`` hardest
+    negatives at temperature ``tau``, and a divergence penalty on same-class pairs more
+    similar than ``threshold`` ("Relaxed Contrastive Learning for Federated Learning").
+    """
+
+    name: Literal["fedrcl"] = "fedrcl"
+    shares: ClassVar[tuple[str, ...]] = ("encoder", "decoders")
+    tau: float = Field(0.05, gt=0)
+    threshold: float = Field(0.7, ge=-1, le=1)
+    topk_neg: int = Field(2, ge=1)
+    beta: float = Field(1.0, ge=0)
+    weight: float = Field(1.0, ge=0)
+
+
+class FedDFConfig(Strict):
+    """FedDF: FedAvg per architecture prototype, then ensemble distillation on the public set.
+
+    Groups are averaged as FedAvg's (encoders among equal architectures, decoders among equal
+    ones of the same dataset task; heads personal); the ensemble target of a classification
+    task is the mean of its clients' logits on the public set, distilled into each prototype
+    for ``distill_epochs`` passes with temperature ``temperature`` (Lin et al., "Ensemble
+    Distillation for Robust Model Fusion in Federated Learning", NeurIPS 2020).
+    """
+
+    name: Literal["feddf"] = "feddf"
+    shares: ClassVar[tuple[str, ...]] = ("encoder", "decoders")
+    temperature: float = Field(1.0, gt=0)
+    distill_epochs: int = Field(1, ge=1)
+    distill_lr: float | None = Field(None, gt=0)
+
+
 AlgorithmConfig = Annotated[
     LocalConfig
     | FedAvgConfig
@@ -232,7 +331,13 @@ AlgorithmConfig = Annotated[
     | MaTFLConfig
     | MFedConfig
     | FedHCA2Config
-    | FedMuscleConfig,
+    | FedMuscleConfig
+    | PseudoLabelConfig
+    | SimCLRConfig
+    | FedHeNNConfig
+    | CoFEDConfig
+    | FedRCLConfig
+    | FedDFConfig,
     Field(discriminator="name"),
 ]
 
@@ -503,8 +608,11 @@ class Experiment(Strict):
             _check_hyperparameters(name, values)
         if self.public is not None and self.public.dataset not in self.datasets:
             raise ValueError(f"public.dataset: {self.public.dataset!r} is not declared")
-        if self.algorithm.name == "fedmuscle" and self.public is None:
-            raise ValueError("public: fedmuscle needs a [public] dataset section")
+        if self.algorithm.name in PUBLIC_ALGORITHMS and self.public is None:
+            raise ValueError(
+                f"public: {self.algorithm.name} needs a [public] dataset section (its clients "
+                "read the public set)"
+            )
         algorithm = self.algorithm
         if (
             isinstance(algorithm, FedMuscleConfig)
@@ -772,6 +880,7 @@ def _check_data(experiment: Experiment, *, check_files: bool) -> None:
                 )
         _check_client_modality(i, client, dataset)
     _check_public_views(experiment)
+    check_partners(experiment)
     partitions: dict[str, list[ClientConfig]] = {}
     for client in experiment.clients:
         partitions.setdefault(client.dataset, []).append(client)
@@ -783,6 +892,61 @@ def _check_data(experiment: Experiment, *, check_files: bool) -> None:
             raise ConfigError(
                 f"datasets.{name}.partition.scheme: 'sizes' needs clients[].samples for {missing}"
             )
+
+
+CLASS_KINDS = ("classification", "text_classification")
+# Algorithms that exchange something per classification task among the clients holding it.
+PARTNER_ALGORITHMS = ("cofed", "feddf")
+
+
+def partnered_class_tasks(experiment: Experiment, client_id: str) -> list[str]:
+    """The client's classification tasks another client of its dataset holds, in task order.
+
+    CoFED votes and FedDF distils on these (a task no other client holds has no ensemble).
+    Classification means a ``classification`` or ``text_classification`` kind in the
+    dataset's (static) task table.
+    """
+    from fedmtl.data import dataset_task_table
+
+    client = next(c for c in experiment.clients if c.client_id == client_id)
+    dataset = experiment.datasets[client.dataset]
+    table = dataset_task_table(dataset.kind, **dataset.options)
+    out = []
+    for task in client.tasks:
+        if table[task].kind not in CLASS_KINDS:
+            continue
+        holders = [c for c in experiment.clients if c.dataset == client.dataset and task in c.tasks]
+        if len(holders) >= 2:
+            out.append(task)
+    return out
+
+
+def task_group(experiment: Experiment, client_id: str, task: str) -> str:
+    """The clients whose ``task`` is one task: those of one dataset (``<dataset>/<task>``)."""
+    client = next(c for c in experiment.clients if c.client_id == client_id)
+    return f"{client.dataset}/{task}"
+
+
+def check_partners(experiment: Experiment) -> None:
+    """CoFED and FedDF need at least one classification task that two clients hold.
+
+    Raises
+    ------
+    ConfigError
+        Naming every client and its tasks, when none has such a partner.
+    """
+    name = experiment.algorithm.name
+    if name not in PARTNER_ALGORITHMS:
+        return
+    if any(partnered_class_tasks(experiment, c.client_id) for c in experiment.clients):
+        return
+    alone = ", ".join(
+        f"{c.client_id} ({c.dataset}: {', '.join(c.tasks)})" for c in experiment.clients
+    )
+    raise ConfigError(
+        f"algorithm.name: {name} needs two clients of one dataset sharing a classification "
+        f"task, and no client has such a partner: {alone}"
+    )
 
 
 def _check_client_modality(index: int, client: ClientConfig, dataset: DatasetConfig) -> None:
@@ -816,11 +980,11 @@ def _check_client_modality(index: int, client: ClientConfig, dataset: DatasetCon
 
 
 def _check_public_views(experiment: Experiment) -> None:
-    """FedMuscle clients represent the public dataset in their own modality: it needs that view."""
+    """Public-set clients read the public dataset in their own modality: it needs that view."""
     from fedmtl.data import DATASET_REGISTRY
 
     public = experiment.public
-    if public is None or experiment.algorithm.name != "fedmuscle":
+    if public is None or experiment.algorithm.name not in PUBLIC_ALGORITHMS:
         return
     source = DATASET_REGISTRY[experiment.datasets[public.dataset].kind]
     views = source.views()

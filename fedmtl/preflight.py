@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedmtl.config import ConfigError, Experiment, check_paths
+from fedmtl.catalog import PUBLIC_ALGORITHMS
+from fedmtl.config import ConfigError, Experiment, check_partners, check_paths
 
 if TYPE_CHECKING:
     from fedmtl.data import DatasetSource
@@ -39,7 +40,7 @@ def preflight(experiment: Experiment, *, variants: Iterable[Experiment] = ()) ->
         A parsed experiment (schema, task tables and paths already checked).
     variants : iterable of Experiment
         The same experiment with the other algorithms ``compare`` runs: their models (e.g.
-        FedMuscle's projector) are built too.
+        FedMuscle's projector) are built too, and CoFED's and FedDF's same-task partners found.
 
     Raises
     ------
@@ -55,6 +56,7 @@ def preflight(experiment: Experiment, *, variants: Iterable[Experiment] = ()) ->
     check_models(experiment)
     for variant in variants:
         check_models(variant)
+        check_partners(variant)  # CoFED and FedDF in a comparison need a same-task partner
     check_datasets(experiment)
 
 
@@ -240,7 +242,7 @@ def _check_public_views(experiment: Experiment, source: DatasetSource) -> None:
     """
     from fedmtl.data import DATASET_REGISTRY
 
-    if experiment.algorithm.name != "fedmuscle":
+    if experiment.algorithm.name not in PUBLIC_ALGORITHMS:
         return
     wanted = {
         DATASET_REGISTRY[experiment.datasets[c.dataset].kind].modality for c in experiment.clients

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from fedmtl.catalog import ALGORITHM_NAMES
 from fedmtl.clients.session import ClientSession
-from fedmtl.clients.training import TrainStats, train_epochs
+from fedmtl.clients.training import BatchLoss, TrainStats, train_epochs
 from fedmtl.config import Experiment
 from fedmtl.data import SampleSet
 from fedmtl.messages import UPLOAD_GROUPS
@@ -48,10 +48,11 @@ class ClientAlgorithm:
     """Client side of a weight-sharing algorithm (FedAvg behaviour by default).
 
     The flow of :meth:`train`: load the personal state of the previous round, overwrite it with
-    the tensors the server sent (:meth:`receive`), train on :meth:`train_split` with
-    :meth:`extra_loss`, add :meth:`after_training`'s metrics, save the new personal state and
-    return the parameters of the shared groups (``experiment.algorithm.shares``) the server
-    asked for. An algorithm overrides the hooks, not the flow.
+    the tensors the server sent (:meth:`receive`), run :meth:`before_training`, train on
+    :meth:`train_split` with :meth:`extra_loss`, add :meth:`after_training`'s metrics, save the
+    new personal state and return the parameters of the shared groups
+    (``experiment.algorithm.shares``) the server asked for, plus :meth:`extra_uploads`.
+    An algorithm overrides the hooks, not the flow.
     """
 
     uses_received_for_eval: ClassVar[bool] = True
@@ -76,10 +77,26 @@ class ClientAlgorithm:
         """The samples to train on, and a held-out validation part (none by default)."""
         return self.session.split("train"), None
 
+    def before_training(
+        self,
+        model: nn.Module,
+        extras: dict[str, dict[str, Tensor]],
+        round_: int,
+        config: Mapping[str, Any],
+    ) -> dict[str, float]:
+        """Work on the model before the local epochs (SimCLR's pretraining); returns metrics."""
+        return {}
+
     def extra_loss(
         self, received: Mapping[str, Tensor], config: Mapping[str, Any]
     ) -> Callable[[nn.Module], Tensor] | None:
         """A regulariser added to the task loss (none for FedAvg)."""
+        return None
+
+    def batch_loss(
+        self, received: Mapping[str, Tensor], config: Mapping[str, Any]
+    ) -> BatchLoss | None:
+        """A term of each training batch, ``(model, targets) → loss`` (FedRCL's); none here."""
         return None
 
     def after_training(
@@ -91,6 +108,12 @@ class ClientAlgorithm:
         config: Mapping[str, Any],
     ) -> dict[str, float]:
         """Extra work after the shared model is trained (Ditto's personal model)."""
+        return {}
+
+    def extra_uploads(
+        self, model: nn.Module, round_: int, config: Mapping[str, Any]
+    ) -> dict[str, Tensor]:
+        """Tensors sent up besides the shared groups (FedHeNN's kernel), after saving the state."""
         return {}
 
     def evaluation_model(
@@ -110,6 +133,7 @@ class ClientAlgorithm:
         model, extras, _ = session.load(round_ - 1)
         self.receive(model, received)
         train_data, self.validation = self.train_split()
+        before = self.before_training(model, extras, round_, config)
         stats: TrainStats = train_epochs(
             model,
             session.batches(train_data, round_),
@@ -117,6 +141,7 @@ class ClientAlgorithm:
             session.client.training,
             session.device,
             extra_loss=self.extra_loss(received, config),
+            batch_loss=self.batch_loss(received, config),
         )
         metrics: dict[str, float | int] = {
             "num-examples": len(train_data),
@@ -124,6 +149,7 @@ class ClientAlgorithm:
             "train/batches": stats.batches,
         }
         metrics.update({f"train/loss/{k}": v for k, v in stats.task_losses.items()})
+        metrics.update(before)
         metrics.update(self.after_training(model, received, extras, round_, config))
         session.save(round_, model, extras)
         metrics["train/seconds"] = time.perf_counter() - start
@@ -131,6 +157,7 @@ class ClientAlgorithm:
         if UPLOAD_GROUPS in config:  # the server needs only groups someone else holds too
             wanted = set(config[UPLOAD_GROUPS])
             arrays = {k: v for k, v in arrays.items() if group_of(k) in wanted}
+        arrays.update(self.extra_uploads(model, round_, config))
         return TrainOutcome(arrays=arrays, metrics=metrics)
 
     def evaluate(

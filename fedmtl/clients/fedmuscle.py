@@ -20,11 +20,9 @@ local phase restarts its optimiser every round).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,10 +32,8 @@ from torch import Tensor, nn
 
 from fedmtl.aggregation.muscle_targets import client_loss_from_payload
 from fedmtl.clients.base import ClientAlgorithm, TrainOutcome, register_client_algorithm
-from fedmtl.clients.session import ClientSession, dataset_source
+from fedmtl.clients.public import public_batch, public_view, seeded
 from fedmtl.clients.training import autocast, make_optimizer, to_device
-from fedmtl.config import DatasetConfig
-from fedmtl.data import DATASET_REGISTRY, PublicDataset, collate
 from fedmtl.losses.muscle import gram_volume_loss
 from fedmtl.messages import NUM_EXAMPLES
 from fedmtl.models import MultiTaskModel
@@ -113,70 +109,6 @@ def contrastive_objective(
     return objective, float(objective.detach())
 
 
-@functools.lru_cache(maxsize=4)
-def _public_view(
-    dataset_json: str,
-    seed: int,
-    root: str | None,
-    size: int,
-    batch_size: int,
-    modality: str,
-    image_size: int | None,
-) -> PublicDataset:
-    # Cached per process: building a source (COCO's annotation json) is slow and every
-    # contrastive message of every client in a simulation actor needs the same view.
-    source = dataset_source(DatasetConfig.model_validate_json(dataset_json), seed, root)
-    public = PublicDataset(source, size, batch_size, seed)
-    options: dict[str, Any] = {}
-    if modality == "image" and image_size != source.image_size:
-        options["image_size"] = image_size  # the client's model expects its own input size
-    return public.modality_view(modality, **options)
-
-
-def public_view(session: ClientSession) -> PublicDataset:
-    """The experiment's public dataset as this client sees it (its modality and image size).
-
-    Every client draws the same samples in the same order (seeded by the experiment seed);
-    a text client gets the captions of the samples image clients get as images.
-
-    Raises
-    ------
-    ValueError
-        If the experiment has no ``[public]`` section or the public dataset has no view in the
-        client's modality.
-    """
-    experiment = session.experiment
-    public = experiment.public
-    if public is None:
-        raise ValueError("fedmuscle needs a [public] dataset section")
-    cfg = experiment.datasets[public.dataset]
-    own = experiment.datasets[session.client.dataset]
-    # A SuperNode's data-dir overrides the root of the client's own dataset only.
-    root = session.data_root if public.dataset == session.client.dataset else None
-    return _public_view(
-        cfg.model_dump_json(),
-        experiment.seed,
-        root,
-        public.size,
-        public.batch_size,
-        DATASET_REGISTRY[own.kind].modality,
-        own.image_size,
-    )
-
-
-def public_batch(view: PublicDataset, epoch: int, batch: int) -> Tensor | list[str]:
-    """Inputs of public batch ``batch`` of ``epoch`` (images ``[B, 3, H, W]`` or captions).
-
-    Raises
-    ------
-    IndexError
-        If the epoch has no batch ``batch``.
-    """
-    positions = view.batch_indices(epoch)[batch]
-    inputs, _ = collate([view.samples[int(p)] for p in positions])
-    return inputs
-
-
 def aligned_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters the contrastive step trains: encoder and projector (``w^n``)."""
     return [
@@ -210,15 +142,6 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Mapping[str,
     optimizer.load_state_dict(
         {"state": state, "param_groups": optimizer.state_dict()["param_groups"]}
     )
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run a block under a fixed torch RNG (dropout masks), restoring the RNG afterwards."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def _normalised_representation(model: MultiTaskModel, inputs: Any, device: torch.device) -> Tensor:

@@ -16,6 +16,8 @@ from fedmtl.tasks import Task
 
 Batch = tuple[Any, Mapping[str, Tensor]]
 ExtraLoss = Callable[[nn.Module], Tensor]
+# A term of the batch: called with the model right after its forward pass, and the targets.
+BatchLoss = Callable[[nn.Module, Mapping[str, Tensor]], Tensor]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -95,6 +97,7 @@ def train_epochs(
     *,
     epochs: int | None = None,
     extra_loss: ExtraLoss | None = None,
+    batch_loss: BatchLoss | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> TrainStats:
@@ -116,6 +119,9 @@ def train_epochs(
         Defaults to ``cfg.local_epochs``.
     extra_loss : callable, optional
         ``extra_loss(model)`` adds a regulariser (FedProx, Ditto, M-Fed's encoder pull).
+    batch_loss : callable, optional
+        ``batch_loss(model, targets)`` adds a term of the current batch, called right after the
+        forward pass (FedRCL's contrastive loss on the features that pass produced).
     optimizer : torch.optim.Optimizer, optional
         Defaults to a fresh one from ``cfg`` (FL clients restart their optimiser each round).
     progress : callable, optional
@@ -142,6 +148,8 @@ def train_epochs(
             loss, parts = multitask_loss(outputs, targets, tasks)
             if extra_loss is not None:
                 loss = loss + extra_loss(model)
+            if batch_loss is not None:
+                loss = loss + batch_loss(model, targets)
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"training loss became {float(loss)} at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)

@@ -110,3 +110,35 @@ def normal_map(normals: np.ndarray | Tensor, size: int | None = None) -> Tensor:
         norm = tensor.norm(dim=0, keepdim=True)
         tensor = torch.where(norm > 1e-6, tensor / norm.clamp_min(1e-12), torch.zeros_like(tensor))
     return tensor
+
+
+def augment_images(images: Tensor, generator: torch.Generator) -> Tensor:
+    """SimCLR-style random view of a normalised image batch ``[B, 3, H, W]`` (CPU).
+
+    Per image: a random crop of 60–100 % of the side, resized back (bilinear), a brightness
+    and contrast jitter of ±40 %, and Gaussian noise of std 0.05. Draws come from
+    ``generator`` only, so a seeded generator gives the same views.
+    """
+    batch, _, height, width = images.shape
+    out = torch.empty_like(images)
+    for i in range(batch):
+        scale = 0.6 + 0.4 * float(torch.rand((), generator=generator))
+        h, w = max(1, round(height * scale)), max(1, round(width * scale))
+        top = int(torch.randint(0, height - h + 1, (), generator=generator))
+        left = int(torch.randint(0, width - w + 1, (), generator=generator))
+        crop = images[i : i + 1, :, top : top + h, left : left + w]
+        out[i] = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)[0]
+    jitter = 1 + 0.8 * (torch.rand(batch, 2, 1, 1, 1, generator=generator) - 0.5)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - mean) * jitter[:, 1] + mean * jitter[:, 0]
+    return out + 0.05 * torch.randn(out.shape, generator=generator)
+
+
+def augment_texts(texts: list[str], generator: torch.Generator, drop: float = 0.2) -> list[str]:
+    """A random view of each caption: every word dropped with probability ``drop`` (one kept)."""
+    out = []
+    for text in texts:
+        words = text.split()
+        keep = [w for w in words if float(torch.rand((), generator=generator)) >= drop]
+        out.append(" ".join(keep or words[:1]))
+    return out

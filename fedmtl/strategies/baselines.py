@@ -32,6 +32,16 @@ class Local(Strategy):
     """No exchange at all: every client trains on its own data (the Δ% reference)."""
 
 
+@register_strategy("pseudolabel")
+class PseudoLabel(Local):
+    """Local: each client pseudo-labels the public set on its own (nothing exchanged)."""
+
+
+@register_strategy("simclr")
+class SimCLR(Local):
+    """Local: each client pretrains with SimCLR on the public set (nothing exchanged)."""
+
+
 class HolderCounting(Strategy):
     """Knows how many known clients hold each shared group; uploads only groups held twice.
 
@@ -204,6 +214,11 @@ class FedProx(GroupAveraging):
 @register_strategy("fedper")
 class FedPer(GroupAveraging):
     """FedAvg over encoders only; decoders and heads are personal."""
+
+
+@register_strategy("fedrcl")
+class FedRCL(GroupAveraging):
+    """FedAvg on the server; clients add the relaxed supervised contrastive loss."""
 
 
 @register_strategy("ditto")
