@@ -175,8 +175,8 @@ def markdown(results: Mapping[str, Any]) -> str:
 
     feds = list(results["federations"])
     algorithms: list[str] = []
-    for fed in feds:
-        for name in results["federations"][fed]["algorithms"]:
+    for fed in feds:  # measured ones, then those that apply but were not run
+        for name in [*results["federations"][fed]["algorithms"], *FEDERATIONS[fed][1]]:
             if name not in algorithms:
                 algorithms.append(name)
     lines = [
