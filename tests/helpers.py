@@ -6,6 +6,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import torch
+from flwr.app import Message, RecordDict
+
 from fedmtl.client_app import app as client_app
 from fedmtl.config import Experiment, parse_experiment
 from fedmtl.results import RunDirectory
@@ -135,3 +138,26 @@ def described_clients(experiment: Experiment) -> dict[str, Any]:
             client.client_id, 101 + index, client.dataset, list(client.tasks), 0, 0, specs
         )
     return out
+
+
+class TrainReplies:
+    """A FakeGrid reply hook that keeps every train reply by (round, client id).
+
+    FakeGrid numbers nodes from 101 in the order of ``ids``.
+    """
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+        self.replies: dict[tuple[int, str], RecordDict] = {}
+
+    def __call__(self, node: int, message: Message, content: RecordDict) -> None:
+        if message.metadata.message_type == "train":
+            round_ = int(str(message.content["config"]["server-round"]))
+            self.replies[(round_, self.ids[node - 101])] = content
+
+
+def reply_arrays(content: RecordDict) -> dict[str, torch.Tensor]:
+    """The ``arrays`` record of a message's content as float64 tensors (empty if absent)."""
+    if "arrays" not in content.array_records:
+        return {}
+    return {k: v.double() for k, v in content.array_records["arrays"].to_torch_state_dict().items()}

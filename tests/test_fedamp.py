@@ -9,7 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from flwr.app import Message, RecordDict
 from torch import nn
 
 from fedmtl.aggregation.fedamp import attention_weights, cloud_model, squared_distances
@@ -18,7 +17,7 @@ from fedmtl.client_app import app
 from fedmtl.clients.fedamp import FedAMPClient
 from fedmtl.config import FedAMPConfig, parse_experiment
 from fedmtl.testing import FakeGrid
-from tests.helpers import run_in_process, tiny_experiment
+from tests.helpers import TrainReplies, reply_arrays, run_in_process, tiny_experiment
 
 # Three clients, two parameters each: θ1 = (0, 0), θ2 = (1, 1), θ3 = (2, 0).
 THETAS = [torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([2.0, 0.0])]
@@ -108,23 +107,6 @@ def test_client_pull_has_a_gradient_toward_the_cloud_model_and_does_not_load_it(
     assert model.decoders["t"].weight.grad.tolist() == [[0.0]]  # no u: pulled to its start
 
 
-class Recorder:
-    def __init__(self, ids: list[str]) -> None:
-        self.ids = ids
-        self.replies: dict[tuple[int, str], RecordDict] = {}
-
-    def __call__(self, node: int, message: Message, content: RecordDict) -> None:
-        if message.metadata.message_type == "train":
-            round_ = int(str(message.content["config"]["server-round"]))
-            self.replies[(round_, self.ids[node - 101])] = content
-
-
-def _arrays(content: RecordDict) -> dict[str, torch.Tensor]:
-    if "arrays" not in content.array_records:
-        return {}
-    return {k: v.double() for k, v in content.array_records["arrays"].to_torch_state_dict().items()}
-
-
 def test_round_2_sends_each_client_its_cloud_model(tmp_path: Path) -> None:
     alpha_k, sigma = 1e-7, 1e-6
     data = tiny_experiment("fedamp", rounds=2).model_dump(mode="json")
@@ -132,10 +114,10 @@ def test_round_2_sends_each_client_its_cloud_model(tmp_path: Path) -> None:
     experiment = parse_experiment(data)
     ids = [c.client_id for c in experiment.clients]
     grid = FakeGrid(app, len(ids))
-    recorder = Recorder(ids)
+    recorder = TrainReplies(ids)
     grid.tamper = recorder
     run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
-    uploads = {cid: _arrays(recorder.replies[(1, cid)]) for cid in ids}
+    uploads = {cid: reply_arrays(recorder.replies[(1, cid)]) for cid in ids}
     # all three share the encoder; the two digit clients share the digit decoder
     encoder = [k for k in uploads["a-digit"] if k.startswith("encoder.")]
     digit = [k for k in uploads["a-digit"] if k.startswith("decoders.digit.")]
@@ -160,8 +142,8 @@ def test_round_2_sends_each_client_its_cloud_model(tmp_path: Path) -> None:
         if m.metadata.message_type == "train"
     }
     for cid in ids:
-        assert _arrays(sent[(1, cid)].content) == {}  # round 1: nothing known yet
-        got = _arrays(sent[(2, cid)].content)
+        assert reply_arrays(sent[(1, cid)].content) == {}  # round 1: nothing known yet
+        got = reply_arrays(sent[(2, cid)].content)
         expected = by_hand(encoder, ids, cid)
         if cid != "c-seg-depth":
             expected.update(by_hand(digit, ["a-digit", "b-digit"], cid))
@@ -172,7 +154,9 @@ def test_round_2_sends_each_client_its_cloud_model(tmp_path: Path) -> None:
     assert 0 < rows[0]["server/fedamp/encoder/xi_self_mean"] < 1
     assert rows[0]["server/fedamp/capped_rows"] == 0
     # evaluation uses the personalised model: nothing is sent with evaluate
-    assert all(not _arrays(m.content) for m in grid.sent if m.metadata.message_type == "evaluate")
+    assert all(
+        not reply_arrays(m.content) for m in grid.sent if m.metadata.message_type == "evaluate"
+    )
 
 
 @pytest.mark.parametrize(

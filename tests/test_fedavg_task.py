@@ -5,29 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from flwr.app import Message, RecordDict
 
 from fedmtl.client_app import app
 from fedmtl.config import parse_experiment
 from fedmtl.testing import FakeGrid
-from tests.helpers import TINY_VIT, run_in_process, tiny_experiment
-
-
-class Recorder:
-    def __init__(self, ids: list[str]) -> None:
-        self.ids = ids
-        self.replies: dict[tuple[int, str], RecordDict] = {}
-
-    def __call__(self, node: int, message: Message, content: RecordDict) -> None:
-        if message.metadata.message_type == "train":
-            round_ = int(str(message.content["config"]["server-round"]))
-            self.replies[(round_, self.ids[node - 101])] = content
-
-
-def _arrays(content: RecordDict) -> dict[str, torch.Tensor]:
-    if "arrays" not in content.array_records:
-        return {}
-    return {k: v.double() for k, v in content.array_records["arrays"].to_torch_state_dict().items()}
+from tests.helpers import TINY_VIT, TrainReplies, reply_arrays, run_in_process, tiny_experiment
 
 
 def test_task_groups_average_whole_task_models_and_nothing_across(tmp_path: Path) -> None:
@@ -43,10 +25,10 @@ def test_task_groups_average_whole_task_models_and_nothing_across(tmp_path: Path
     experiment = parse_experiment(data)
     ids = [c.client_id for c in experiment.clients]
     grid = FakeGrid(app, len(ids))
-    recorder = Recorder(ids)
+    recorder = TrainReplies(ids)
     grid.tamper = recorder
     run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
-    up = {cid: _arrays(recorder.replies[(1, cid)]) for cid in ids}
+    up = {cid: reply_arrays(recorder.replies[(1, cid)]) for cid in ids}
     sent = {
         (int(str(m.content["config"]["server-round"])), ids[m.metadata.dst_node_id - 101]): m
         for m in grid.sent
@@ -81,7 +63,7 @@ def test_task_groups_average_whole_task_models_and_nothing_across(tmp_path: Path
         },
     }
     for cid in ids:
-        got = _arrays(sent[(2, cid)].content)
+        got = reply_arrays(sent[(2, cid)].content)
         assert set(got) == set(expected[cid]), cid
         for name, value in expected[cid].items():
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-7)
@@ -96,14 +78,14 @@ def test_a_client_with_no_partner_trains_alone(tmp_path: Path) -> None:
     experiment = tiny_experiment("fedavg_task", rounds=2)  # c-seg-depth: no other seg/depth
     ids = [c.client_id for c in experiment.clients]
     grid = FakeGrid(app, len(ids))
-    recorder = Recorder(ids)
+    recorder = TrainReplies(ids)
     grid.tamper = recorder
     run_in_process(experiment, tmp_path, grid=grid)
-    assert _arrays(recorder.replies[(1, "c-seg-depth")]) == {}
+    assert reply_arrays(recorder.replies[(1, "c-seg-depth")]) == {}
     received = [
         m
         for m in grid.sent
         if m.metadata.dst_node_id == 101 + ids.index("c-seg-depth")
         and m.metadata.message_type in ("train", "evaluate")
     ]
-    assert received and all(not _arrays(m.content) for m in received)
+    assert received and all(not reply_arrays(m.content) for m in received)

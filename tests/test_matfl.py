@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message, RecordDict
 from sklearn.cluster import AgglomerativeClustering
 
 from fedmtl.aggregation.matfl import cluster_averages, cluster_labels, cosine_distances
@@ -16,7 +15,7 @@ from fedmtl.client_app import app
 from fedmtl.config import ConfigError, parse_experiment
 from fedmtl.protocols.matfl import REPORT_START, START_PREFIX
 from fedmtl.testing import FakeGrid
-from tests.helpers import run_in_process, tiny_experiment
+from tests.helpers import TrainReplies, reply_arrays, run_in_process, tiny_experiment
 
 
 def test_cosine_distances_by_hand() -> None:
@@ -94,23 +93,6 @@ def test_config_cuts_by_count_or_by_distance() -> None:
             parse_experiment({**base, "algorithm": {"name": "matfl", **bad}})
 
 
-class Recorder:
-    def __init__(self, ids: list[str]) -> None:
-        self.ids = ids
-        self.replies: dict[tuple[int, str], RecordDict] = {}
-
-    def __call__(self, node: int, message: Message, content: RecordDict) -> None:
-        if message.metadata.message_type == "train":
-            round_ = int(str(message.content["config"]["server-round"]))
-            self.replies[(round_, self.ids[node - 101])] = content
-
-
-def _arrays(content: RecordDict) -> dict[str, torch.Tensor]:
-    if "arrays" not in content.array_records:
-        return {}
-    return {k: v.double() for k, v in content.array_records["arrays"].to_torch_state_dict().items()}
-
-
 @pytest.mark.parametrize("count", [1, 2])
 def test_round_2_encoders_are_cluster_averages_of_the_updates(count: int, tmp_path: Path) -> None:
     data = tiny_experiment("matfl", rounds=3).model_dump(mode="json")
@@ -118,7 +100,7 @@ def test_round_2_encoders_are_cluster_averages_of_the_updates(count: int, tmp_pa
     experiment = parse_experiment(data)
     ids = [c.client_id for c in experiment.clients]
     grid = FakeGrid(app, len(ids))
-    recorder = Recorder(ids)
+    recorder = TrainReplies(ids)
     grid.tamper = recorder
     run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
     sent = {
@@ -128,14 +110,16 @@ def test_round_2_encoders_are_cluster_averages_of_the_updates(count: int, tmp_pa
     }
     weights = {cid: float(c.samples or 0) for cid, c in zip(ids, experiment.clients)}
     for round_ in (1, 2):
-        replies = {cid: _arrays(recorder.replies[(round_, cid)]) for cid in ids}
+        replies = {cid: reply_arrays(recorder.replies[(round_, cid)]) for cid in ids}
         names = sorted(k for k in replies["a-digit"] if k.startswith("encoder."))
         if round_ == 1:  # the start is reported once, then known to the server
             assert all(bool(sent[(1, cid)].content["config"][REPORT_START]) for cid in ids)
             starts = {cid: {n: replies[cid][START_PREFIX + n] for n in names} for cid in ids}
         else:
             assert all(REPORT_START not in sent[(2, cid)].content["config"] for cid in ids)
-            starts = {cid: {n: _arrays(sent[(2, cid)].content)[n] for n in names} for cid in ids}
+            starts = {
+                cid: {n: reply_arrays(sent[(2, cid)].content)[n] for n in names} for cid in ids
+            }
         flat = np.stack(
             [
                 torch.cat([(replies[c][n] - starts[c][n]).reshape(-1) for n in names]).numpy()
@@ -150,7 +134,7 @@ def test_round_2_encoders_are_cluster_averages_of_the_updates(count: int, tmp_pa
         for cid in ids:
             members = [c for c, label in zip(ids, labels) if label == labels[ids.index(cid)]]
             total = sum(weights[m] for m in members)
-            got = _arrays(sent[(round_ + 1, cid)].content)
+            got = reply_arrays(sent[(round_ + 1, cid)].content)
             for n in names:
                 expected = sum(weights[m] / total * replies[m][n] for m in members)
                 torch.testing.assert_close(got[n], expected, rtol=1e-5, atol=1e-6)
@@ -158,7 +142,9 @@ def test_round_2_encoders_are_cluster_averages_of_the_updates(count: int, tmp_pa
         digit = [k for k in replies["a-digit"] if k.startswith("decoders.digit.")]
         for n in digit:
             expected = (replies["a-digit"][n] + replies["b-digit"][n]) / 2  # equal samples
-            torch.testing.assert_close(_arrays(sent[(round_ + 1, "a-digit")].content)[n], expected)
+            torch.testing.assert_close(
+                reply_arrays(sent[(round_ + 1, "a-digit")].content)[n], expected
+            )
         rows = [r for r in run_dir.read_metrics() if r["round"] == round_]
         assert rows[0]["server/matfl/clusters"] == float(len(set(labels)))
         assert rows[0]["server/matfl/cluster/c-seg-depth"] in (0.0, 1.0)

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message, RecordDict
 
 from fedmtl.cli import main
 from fedmtl.client_app import app
@@ -18,7 +17,7 @@ from fedmtl.losses.pseudo import pseudo_targets
 from fedmtl.protocols.fedhenn import KERNEL
 from fedmtl.tasks import create_task
 from fedmtl.testing import FakeGrid
-from tests.helpers import run_in_process, tiny_experiment
+from tests.helpers import TrainReplies, reply_arrays, run_in_process, tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,33 +89,14 @@ def test_pseudo_targets_keep_only_confident_labels() -> None:
     assert pseudo_targets(create_task("depth", "depth", 1), torch.ones(1, 1, 2, 2), 0.9) is None
 
 
-class Recorder:
-    """Keeps every train reply by (round, client)."""
-
-    def __init__(self, ids: list[str]) -> None:
-        self.ids = ids
-        self.replies: dict[tuple[int, str], RecordDict] = {}
-
-    def __call__(self, node: int, message: Message, content: RecordDict) -> None:
-        if message.metadata.message_type == "train":
-            round_ = int(str(message.content["config"]["server-round"]))
-            self.replies[(round_, self.ids[node - 101])] = content
-
-
-def _arrays(content: RecordDict) -> dict[str, torch.Tensor]:
-    if "arrays" not in content.array_records:
-        return {}
-    return {k: v.double() for k, v in content.array_records["arrays"].to_torch_state_dict().items()}
-
-
 def test_fedhenn_round_2_sends_the_weighted_mean_kernel(tmp_path: Path) -> None:
     experiment = tiny_experiment("fedhenn", rounds=2)
     ids = [c.client_id for c in experiment.clients]
     grid = FakeGrid(app, len(ids))
-    recorder = Recorder(ids)
+    recorder = TrainReplies(ids)
     grid.tamper = recorder
     run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
-    kernels = {c: _arrays(recorder.replies[(1, c)])[KERNEL] for c in ids}
+    kernels = {c: reply_arrays(recorder.replies[(1, c)])[KERNEL] for c in ids}
     weights = {
         c: float(recorder.replies[(1, c)].metric_records["metrics"]["num-examples"]) for c in ids
     }
@@ -128,8 +108,8 @@ def test_fedhenn_round_2_sends_the_weighted_mean_kernel(tmp_path: Path) -> None:
         if m.metadata.message_type == "train"
     }
     for client in ids:
-        assert _arrays(sent[(1, client)].content) == {}  # round 1: no kernel yet
-        got = _arrays(sent[(2, client)].content)
+        assert reply_arrays(sent[(1, client)].content) == {}  # round 1: no kernel yet
+        got = reply_arrays(sent[(2, client)].content)
         assert set(got) == {KERNEL}
         torch.testing.assert_close(got[KERNEL], expected, rtol=1e-6, atol=1e-6)
     # server signal: mean 1 − CKA(K_i, K̄), recomputed from the kernels in NumPy
@@ -148,7 +128,9 @@ def test_fedhenn_round_2_sends_the_weighted_mean_kernel(tmp_path: Path) -> None:
     # round 2: each client trained against K̄ and reports its distance to it
     second = [r for r in rows if r["round"] == 2]
     assert all(0 <= r["fedhenn/cka_distance"] <= 1 for r in second)
-    assert all(not _arrays(m.content) for m in grid.sent if m.metadata.message_type == "evaluate")
+    assert all(
+        not reply_arrays(m.content) for m in grid.sent if m.metadata.message_type == "evaluate"
+    )
 
 
 def test_pseudolabel_and_simclr_act_on_the_public_set(tmp_path: Path) -> None:
@@ -213,12 +195,12 @@ def test_cofed_round_2_sends_the_digit_clients_their_unanimous_votes(tmp_path: P
     experiment = tiny_experiment("cofed", rounds=2)
     ids = [c.client_id for c in experiment.clients]
     grid = FakeGrid(app, len(ids))
-    recorder = Recorder(ids)
+    recorder = TrainReplies(ids)
     grid.tamper = recorder
     run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
-    a = _arrays(recorder.replies[(1, "a-digit")])["cofed/pred/digit"]
-    b = _arrays(recorder.replies[(1, "b-digit")])["cofed/pred/digit"]
-    assert a.shape == (16,) and _arrays(recorder.replies[(1, "c-seg-depth")]) == {}
+    a = reply_arrays(recorder.replies[(1, "a-digit")])["cofed/pred/digit"]
+    b = reply_arrays(recorder.replies[(1, "b-digit")])["cofed/pred/digit"]
+    assert a.shape == (16,) and reply_arrays(recorder.replies[(1, "c-seg-depth")]) == {}
     # two voters, min_agreement 0.5: a label only where both predicted the same class
     expected = torch.where(a == b, a, torch.full_like(a, -1.0))
     sent = {
@@ -227,11 +209,11 @@ def test_cofed_round_2_sends_the_digit_clients_their_unanimous_votes(tmp_path: P
         if m.metadata.message_type == "train"
     }
     for client in ("a-digit", "b-digit"):
-        assert _arrays(sent[(1, client)].content) == {}
+        assert reply_arrays(sent[(1, client)].content) == {}
         torch.testing.assert_close(
-            _arrays(sent[(2, client)].content)["cofed/labels/digit"], expected
+            reply_arrays(sent[(2, client)].content)["cofed/labels/digit"], expected
         )
-    assert _arrays(sent[(2, "c-seg-depth")].content) == {}  # no partner: local
+    assert reply_arrays(sent[(2, "c-seg-depth")].content) == {}  # no partner: local
     rows = run_dir.read_metrics()
     first = next(r for r in rows if r["round"] == 1)
     assert first["server/cofed/pseudo_labels"] == float((a == b).sum())
@@ -319,23 +301,25 @@ def test_feddf_distillation_target_is_the_mean_of_the_ensembles_logits(tmp_path:
     experiment = tiny_experiment("feddf", rounds=2)
     ids = [c.client_id for c in experiment.clients]
     grid = FakeGrid(app, len(ids))
-    recorder = Recorder(ids)
+    recorder = TrainReplies(ids)
     grid.tamper = recorder
     run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
-    a = _arrays(recorder.replies[(1, "a-digit")])["feddf/logits/digit"]
-    b = _arrays(recorder.replies[(1, "b-digit")])["feddf/logits/digit"]
+    a = reply_arrays(recorder.replies[(1, "a-digit")])["feddf/logits/digit"]
+    b = reply_arrays(recorder.replies[(1, "b-digit")])["feddf/logits/digit"]
     assert a.shape == (16, 10) and not torch.equal(a, b)
-    assert not any(k.startswith("feddf/") for k in _arrays(recorder.replies[(1, "c-seg-depth")]))
+    assert not any(
+        k.startswith("feddf/") for k in reply_arrays(recorder.replies[(1, "c-seg-depth")])
+    )
     sent = {
         (int(str(m.content["config"]["server-round"])), ids[m.metadata.dst_node_id - 101]): m
         for m in grid.sent
         if m.metadata.message_type == "train"
     }
     for client in ("a-digit", "b-digit"):
-        got = _arrays(sent[(2, client)].content)
+        got = reply_arrays(sent[(2, client)].content)
         torch.testing.assert_close(got["feddf/target/digit"], (a + b) / 2, rtol=1e-6, atol=1e-6)
         assert any(k.startswith("encoder.") for k in got)  # the prototype: FedAvg's encoder
-    assert not any(k.startswith("feddf/") for k in _arrays(sent[(2, "c-seg-depth")].content))
+    assert not any(k.startswith("feddf/") for k in reply_arrays(sent[(2, "c-seg-depth")].content))
     rows = run_dir.read_metrics()
     first = next(r for r in rows if r["round"] == 1)
     spread = float(((a - (a + b) / 2) ** 2).mean())  # both members are equally far

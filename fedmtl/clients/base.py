@@ -172,3 +172,35 @@ class ClientAlgorithm:
             load_tensors(model, received)
         target = self.evaluation_model(model, extras)
         return evaluate_model(target, session.eval_batches("test"), session.tasks, session.device)
+
+
+class StartReporting(ClientAlgorithm):
+    """A client that adds the parameters it started the round from when the server asks.
+
+    Servers that compute updates themselves (FedHCA², MaT-FL) know a client's start point once
+    they have sent it one; until then they set :attr:`report_start` in the config and the
+    client adds the groups :meth:`start_groups` names, under :attr:`start_prefix`, to its reply.
+    """
+
+    report_start: ClassVar[str]  # the config key the server sets
+    start_prefix: ClassVar[str] = "start/"
+
+    def start_groups(self) -> tuple[str, ...]:
+        """The groups whose start point the server needs (default: every shared group)."""
+        return self.shares
+
+    def train(
+        self, round_: int, received: Mapping[str, Tensor], config: Mapping[str, Any]
+    ) -> TrainOutcome:
+        """Handle ``train``; add the ``start/…`` tensors if ``config`` asks for them."""
+        self.start: dict[str, Tensor] | None = {} if config.get(self.report_start, False) else None
+        outcome = super().train(round_, received, config)
+        outcome.arrays.update(self.start or {})
+        return outcome
+
+    def receive(self, model: nn.Module, received: Mapping[str, Tensor]) -> None:
+        """Load what the server sent; keep a copy of the start point when it is asked for."""
+        super().receive(model, received)
+        if self.start is not None:
+            shared = shared_parameters(model, self.start_groups())
+            self.start = {self.start_prefix + k: t.detach().clone() for k, t in shared.items()}

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fedmtl.clients.base import ClientAlgorithm, register_client_algorithm
-from fedmtl.clients.public import ordered_batches, public_batch, public_view
+from fedmtl.clients.public import public_batch, public_outputs, public_view
 from fedmtl.clients.training import autocast, make_optimizer, to_device
 from fedmtl.protocols.cofed import labels_key, prediction_key, vote_tasks
 
@@ -94,12 +94,5 @@ class CoFEDClient(ClientAlgorithm):
         tasks = vote_tasks(session.experiment, session.client_id)
         if not tasks:
             return {}
-        predictions: dict[str, list[Tensor]] = {task: [] for task in tasks}
-        model.eval()
-        with torch.no_grad():
-            for _, inputs in ordered_batches(public_view(session)):
-                with autocast(session.device):
-                    outputs = model(to_device(inputs, session.device))
-                for task in tasks:
-                    predictions[task].append(outputs[task].float().argmax(dim=-1).cpu())
-        return {prediction_key(t): torch.cat(p).float() for t, p in predictions.items()}
+        outputs = public_outputs(session, model, tasks)
+        return {prediction_key(t): out.argmax(dim=-1).float() for t, out in outputs.items()}

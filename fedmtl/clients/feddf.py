@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fedmtl.clients.base import ClientAlgorithm, register_client_algorithm
-from fedmtl.clients.public import ordered_batches, public_batch, public_view, seeded
+from fedmtl.clients.public import public_batch, public_outputs, public_view, seeded
 from fedmtl.clients.training import autocast, make_optimizer, to_device
 from fedmtl.losses.distillation import distillation_loss
 from fedmtl.models.multitask import load_tensors
@@ -96,12 +96,4 @@ class FedDFClient(ClientAlgorithm):
         tasks = distill_tasks(session.experiment, session.client_id)
         if not tasks:
             return {}
-        logits: dict[str, list[Tensor]] = {task: [] for task in tasks}
-        model.eval()
-        with torch.no_grad():
-            for _, inputs in ordered_batches(public_view(session)):
-                with autocast(session.device):
-                    outputs = model(to_device(inputs, session.device))
-                for task in tasks:
-                    logits[task].append(outputs[task].float().cpu())
-        return {logits_key(t): torch.cat(v) for t, v in logits.items()}
+        return {logits_key(t): out for t, out in public_outputs(session, model, tasks).items()}

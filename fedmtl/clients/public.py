@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedmtl.clients.session import ClientSession, dataset_source
+from fedmtl.clients.training import autocast, to_device
 from fedmtl.config import DatasetConfig
 from fedmtl.data import DATASET_REGISTRY, PublicDataset, collate
 
@@ -102,3 +103,21 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def public_outputs(
+    session: ClientSession, model: nn.Module, tasks: Sequence[str]
+) -> dict[str, Tensor]:
+    """``model``'s float32 outputs for ``tasks`` on the whole public set, in its fixed order.
+
+    What CoFED (predictions) and FedDF (logits) upload; evaluation mode, no gradient.
+    """
+    outputs: dict[str, list[Tensor]] = {task: [] for task in tasks}
+    model.eval()
+    with torch.no_grad():
+        for _, inputs in ordered_batches(public_view(session)):
+            with autocast(session.device):
+                batch = model(to_device(inputs, session.device))
+            for task in tasks:
+                outputs[task].append(batch[task].float().cpu())
+    return {task: torch.cat(parts) for task, parts in outputs.items()}
