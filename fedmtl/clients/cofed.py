@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from fedmtl.clients.base import ClientAlgorithm, register_client_algorithm
 from fedmtl.clients.public import public_batch, public_outputs, public_view
-from fedmtl.clients.training import autocast, make_optimizer, to_device
+from fedmtl.clients.training import autocast, make_optimizer, optimizer_step, to_device
 from fedmtl.protocols.cofed import labels_key, prediction_key, vote_tasks
 
 
@@ -70,14 +70,11 @@ class CoFEDClient(ClientAlgorithm):
                     part = tasks[task].loss(outputs[task][keep].float(), target[keep])
                     loss = loss + part * tasks[task].loss_weight
                 loss = hyper.public_weight * loss
-                if not torch.isfinite(loss.detach()):
-                    raise FloatingPointError(f"public-set loss became {float(loss)}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if training.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), training.grad_clip)
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(
+                    optimizer_step(
+                        loss, optimizer, model, training.grad_clip, what="public-set loss"
+                    )
+                )
         metrics = {
             "cofed/labels": float(sum(int((y >= 0).sum()) for y in labels.values())),
             "cofed/public_steps": float(len(losses)),

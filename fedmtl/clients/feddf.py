@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from fedmtl.clients.base import ClientAlgorithm, register_client_algorithm
 from fedmtl.clients.public import public_batch, public_outputs, public_view, seeded
-from fedmtl.clients.training import autocast, make_optimizer, to_device
+from fedmtl.clients.training import autocast, make_optimizer, optimizer_step, to_device
 from fedmtl.losses.distillation import distillation_loss
 from fedmtl.models.multitask import load_tensors
 from fedmtl.protocols.feddf import distill_tasks, logits_key, target_key
@@ -78,14 +78,11 @@ class FedDFClient(ClientAlgorithm):
                     for t, target in self._targets.items()
                 )
                 assert isinstance(loss, Tensor)
-                if not torch.isfinite(loss.detach()):
-                    raise FloatingPointError(f"distillation loss became {float(loss)}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if training.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), training.grad_clip)
-                optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(
+                    optimizer_step(
+                        loss, optimizer, model, training.grad_clip, what="distillation loss"
+                    )
+                )
         return {"feddf/distill_loss": sum(losses) / len(losses), "feddf/distill_steps": len(losses)}
 
     def extra_uploads(

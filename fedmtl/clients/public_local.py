@@ -19,27 +19,12 @@ from torch import Tensor, nn
 
 from fedmtl.clients.base import ClientAlgorithm, register_client_algorithm
 from fedmtl.clients.public import public_batch, public_view
-from fedmtl.clients.training import autocast, make_optimizer, to_device
+from fedmtl.clients.training import autocast, make_optimizer, optimizer_step, to_device
 from fedmtl.data.transforms import augment_images, augment_texts
 from fedmtl.losses.contrastive import nt_xent_loss
 from fedmtl.losses.pseudo import pseudo_targets
 from fedmtl.models import MultiTaskModel
 from fedmtl.seeding import derive_seed
-
-
-def _step(
-    loss: Tensor, optimizer: torch.optim.Optimizer, model: nn.Module, clip: float | None
-) -> float:
-    """One optimiser step on ``loss``; refuses a non-finite loss (no poisoned state)."""
-    value = float(loss.detach())
-    if not torch.isfinite(loss.detach()):
-        raise FloatingPointError(f"public-set loss became {value}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    return value
 
 
 @register_client_algorithm("pseudolabel")
@@ -92,7 +77,13 @@ class PseudoLabelClient(ClientAlgorithm):
                     if bool(keep.any())
                 )
                 assert isinstance(loss, Tensor)
-                loss_sum += _step(hyper.public_weight * loss, optimizer, model, training.grad_clip)
+                loss_sum += optimizer_step(
+                    hyper.public_weight * loss,
+                    optimizer,
+                    model,
+                    training.grad_clip,
+                    what="public-set loss",
+                )
                 steps += 1
         metrics = {"pseudolabel/kept_fraction": kept / offered if offered else 0.0}
         metrics["pseudolabel/steps"] = float(steps)
@@ -146,5 +137,9 @@ class SimCLRClient(ClientAlgorithm):
                         model.project(model.features(to_device(v, session.device))) for v in views
                     )
                 loss = nt_xent_loss(z1.float(), z2.float(), hyper.tau)
-                losses.append(_step(loss, optimizer, model, training.grad_clip))
+                losses.append(
+                    optimizer_step(
+                        loss, optimizer, model, training.grad_clip, what="public-set loss"
+                    )
+                )
         return {"simclr/loss": sum(losses) / len(losses), "simclr/steps": float(len(losses))}

@@ -88,6 +88,33 @@ def multitask_loss(
     return total, parts
 
 
+def optimizer_step(
+    loss: Tensor,
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    grad_clip: float | None,
+    *,
+    what: str = "training loss",
+) -> float:
+    """One step on ``loss`` (gradient-norm clipping as configured); returns its value.
+
+    Raises
+    ------
+    FloatingPointError
+        If ``loss`` is NaN or Inf, before any parameter changes (the reply must not carry
+        poisoned weights); the message names ``what``.
+    """
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} became {value}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return value
+
+
 def train_epochs(
     model: nn.Module,
     batches: Callable[[int], Iterator[Batch]],
@@ -150,20 +177,16 @@ def train_epochs(
                 loss = loss + extra_loss(model)
             if batch_loss is not None:
                 loss = loss + batch_loss(model, targets)
-            if not math.isfinite(float(loss.detach())):
-                raise FloatingPointError(f"training loss became {float(loss)} at epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            value = optimizer_step(
+                loss, optimizer, model, cfg.grad_clip, what=f"training loss at epoch {epoch}"
+            )
             stats.batches += 1
             stats.examples += len(next(iter(targets.values())))
-            stats.loss += float(loss.detach())
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + value
+            stats.loss += value
+            for name, part in parts.items():
+                sums[name] = sums.get(name, 0.0) + part
             if progress is not None:
-                progress(stats.batches, float(loss.detach()))
+                progress(stats.batches, value)
     if stats.batches:
         stats.loss /= stats.batches
         stats.task_losses = {k: v / stats.batches for k, v in sums.items()}
