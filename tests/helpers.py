@@ -161,3 +161,21 @@ def reply_arrays(content: RecordDict) -> dict[str, torch.Tensor]:
     if "arrays" not in content.array_records:
         return {}
     return {k: v.double() for k, v in content.array_records["arrays"].to_torch_state_dict().items()}
+
+
+def run_recorded(experiment: Experiment, out: Path) -> tuple[RunDirectory, FakeGrid, TrainReplies]:
+    """Run ``experiment`` in-process, keeping every train reply (see :class:`TrainReplies`)."""
+    recorder = TrainReplies([c.client_id for c in experiment.clients])
+    grid = FakeGrid(client_app, len(experiment.clients))
+    grid.tamper = recorder
+    run_dir, _ = run_in_process(experiment, out, grid=grid)
+    return run_dir, grid, recorder
+
+
+def train_messages(grid: FakeGrid, ids: list[str]) -> dict[tuple[int, str], Message]:
+    """The train messages the server sent, by (round, client id)."""
+    return {
+        (int(str(m.content["config"]["server-round"])), ids[m.metadata.dst_node_id - 101]): m
+        for m in grid.sent
+        if m.metadata.message_type == "train"
+    }

@@ -13,11 +13,14 @@ from torch import nn
 
 from fedmtl.aggregation.fedamp import attention_weights, cloud_model, squared_distances
 from fedmtl.cli import main
-from fedmtl.client_app import app
 from fedmtl.clients.fedamp import FedAMPClient
 from fedmtl.config import FedAMPConfig, parse_experiment
-from fedmtl.testing import FakeGrid
-from tests.helpers import TrainReplies, reply_arrays, run_in_process, tiny_experiment
+from tests.helpers import (
+    reply_arrays,
+    run_recorded,
+    tiny_experiment,
+    train_messages,
+)
 
 # Three clients, two parameters each: θ1 = (0, 0), θ2 = (1, 1), θ3 = (2, 0).
 THETAS = [torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([2.0, 0.0])]
@@ -113,10 +116,7 @@ def test_round_2_sends_each_client_its_cloud_model(tmp_path: Path) -> None:
     data["algorithm"] = {"name": "fedamp", "alpha_k": alpha_k, "sigma": sigma}
     experiment = parse_experiment(data)
     ids = [c.client_id for c in experiment.clients]
-    grid = FakeGrid(app, len(ids))
-    recorder = TrainReplies(ids)
-    grid.tamper = recorder
-    run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
+    run_dir, grid, recorder = run_recorded(experiment, tmp_path)
     uploads = {cid: reply_arrays(recorder.replies[(1, cid)]) for cid in ids}
     # all three share the encoder; the two digit clients share the digit decoder
     encoder = [k for k in uploads["a-digit"] if k.startswith("encoder.")]
@@ -136,11 +136,7 @@ def test_round_2_sends_each_client_its_cloud_model(tmp_path: Path) -> None:
         assert 0 < xi[me] < 1
         return {n: sum(xi[m] * uploads[m][n] for m in members) for n in names}
 
-    sent = {
-        (int(str(m.content["config"]["server-round"])), ids[m.metadata.dst_node_id - 101]): m
-        for m in grid.sent
-        if m.metadata.message_type == "train"
-    }
+    sent = train_messages(grid, ids)
     for cid in ids:
         assert reply_arrays(sent[(1, cid)].content) == {}  # round 1: nothing known yet
         got = reply_arrays(sent[(2, cid)].content)

@@ -6,10 +6,14 @@ from pathlib import Path
 
 import torch
 
-from fedmtl.client_app import app
 from fedmtl.config import parse_experiment
-from fedmtl.testing import FakeGrid
-from tests.helpers import TINY_VIT, TrainReplies, reply_arrays, run_in_process, tiny_experiment
+from tests.helpers import (
+    TINY_VIT,
+    reply_arrays,
+    run_recorded,
+    tiny_experiment,
+    train_messages,
+)
 
 
 def test_task_groups_average_whole_task_models_and_nothing_across(tmp_path: Path) -> None:
@@ -24,16 +28,9 @@ def test_task_groups_average_whole_task_models_and_nothing_across(tmp_path: Path
         client["model"]["kwargs"] = TINY_VIT
     experiment = parse_experiment(data)
     ids = [c.client_id for c in experiment.clients]
-    grid = FakeGrid(app, len(ids))
-    recorder = TrainReplies(ids)
-    grid.tamper = recorder
-    run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
+    run_dir, grid, recorder = run_recorded(experiment, tmp_path)
     up = {cid: reply_arrays(recorder.replies[(1, cid)]) for cid in ids}
-    sent = {
-        (int(str(m.content["config"]["server-round"])), ids[m.metadata.dst_node_id - 101]): m
-        for m in grid.sent
-        if m.metadata.message_type == "train"
-    }
+    sent = train_messages(grid, ids)
     # a digit client uploads its whole digit model (encoder, decoder, head), nothing else
     assert any(k.startswith("heads.digit.") for k in up["a-digit"])
     assert all(k.startswith(("encoder.", "decoders.digit.", "heads.digit.")) for k in up["a-digit"])
@@ -77,10 +74,7 @@ def test_task_groups_average_whole_task_models_and_nothing_across(tmp_path: Path
 def test_a_client_with_no_partner_trains_alone(tmp_path: Path) -> None:
     experiment = tiny_experiment("fedavg_task", rounds=2)  # c-seg-depth: no other seg/depth
     ids = [c.client_id for c in experiment.clients]
-    grid = FakeGrid(app, len(ids))
-    recorder = TrainReplies(ids)
-    grid.tamper = recorder
-    run_in_process(experiment, tmp_path, grid=grid)
+    _, grid, recorder = run_recorded(experiment, tmp_path)
     assert reply_arrays(recorder.replies[(1, "c-seg-depth")]) == {}
     received = [
         m

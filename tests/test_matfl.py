@@ -11,11 +11,14 @@ import torch
 from sklearn.cluster import AgglomerativeClustering
 
 from fedmtl.aggregation.matfl import cluster_averages, cluster_labels, cosine_distances
-from fedmtl.client_app import app
 from fedmtl.config import ConfigError, parse_experiment
 from fedmtl.protocols.matfl import REPORT_START, START_PREFIX
-from fedmtl.testing import FakeGrid
-from tests.helpers import TrainReplies, reply_arrays, run_in_process, tiny_experiment
+from tests.helpers import (
+    reply_arrays,
+    run_recorded,
+    tiny_experiment,
+    train_messages,
+)
 
 
 def test_cosine_distances_by_hand() -> None:
@@ -99,15 +102,8 @@ def test_round_2_encoders_are_cluster_averages_of_the_updates(count: int, tmp_pa
     data["algorithm"] = {"name": "matfl", "num_clusters": count}
     experiment = parse_experiment(data)
     ids = [c.client_id for c in experiment.clients]
-    grid = FakeGrid(app, len(ids))
-    recorder = TrainReplies(ids)
-    grid.tamper = recorder
-    run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
-    sent = {
-        (int(str(m.content["config"]["server-round"])), ids[m.metadata.dst_node_id - 101]): m
-        for m in grid.sent
-        if m.metadata.message_type == "train"
-    }
+    run_dir, grid, recorder = run_recorded(experiment, tmp_path)
+    sent = train_messages(grid, ids)
     weights = {cid: float(c.samples or 0) for cid, c in zip(ids, experiment.clients)}
     for round_ in (1, 2):
         replies = {cid: reply_arrays(recorder.replies[(round_, cid)]) for cid in ids}

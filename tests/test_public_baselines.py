@@ -10,14 +10,18 @@ import pytest
 import torch
 
 from fedmtl.cli import main
-from fedmtl.client_app import app
 from fedmtl.losses.cka import cka, cka_distance, linear_kernel
 from fedmtl.losses.contrastive import nt_xent_loss
 from fedmtl.losses.pseudo import pseudo_targets
 from fedmtl.protocols.fedhenn import KERNEL
 from fedmtl.tasks import create_task
-from fedmtl.testing import FakeGrid
-from tests.helpers import TrainReplies, reply_arrays, run_in_process, tiny_experiment
+from tests.helpers import (
+    reply_arrays,
+    run_in_process,
+    run_recorded,
+    tiny_experiment,
+    train_messages,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,21 +96,14 @@ def test_pseudo_targets_keep_only_confident_labels() -> None:
 def test_fedhenn_round_2_sends_the_weighted_mean_kernel(tmp_path: Path) -> None:
     experiment = tiny_experiment("fedhenn", rounds=2)
     ids = [c.client_id for c in experiment.clients]
-    grid = FakeGrid(app, len(ids))
-    recorder = TrainReplies(ids)
-    grid.tamper = recorder
-    run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
+    run_dir, grid, recorder = run_recorded(experiment, tmp_path)
     kernels = {c: reply_arrays(recorder.replies[(1, c)])[KERNEL] for c in ids}
     weights = {
         c: float(recorder.replies[(1, c)].metric_records["metrics"]["num-examples"]) for c in ids
     }
     assert all(k.shape == (8, 8) for k in kernels.values())  # public batch of 8
     expected = sum(weights[c] * kernels[c] for c in ids) / sum(weights.values())
-    sent = {
-        (int(str(m.content["config"]["server-round"])), ids[m.metadata.dst_node_id - 101]): m
-        for m in grid.sent
-        if m.metadata.message_type == "train"
-    }
+    sent = train_messages(grid, ids)
     for client in ids:
         assert reply_arrays(sent[(1, client)].content) == {}  # round 1: no kernel yet
         got = reply_arrays(sent[(2, client)].content)
@@ -194,20 +191,13 @@ def test_majority_vote_by_hand() -> None:
 def test_cofed_round_2_sends_the_digit_clients_their_unanimous_votes(tmp_path: Path) -> None:
     experiment = tiny_experiment("cofed", rounds=2)
     ids = [c.client_id for c in experiment.clients]
-    grid = FakeGrid(app, len(ids))
-    recorder = TrainReplies(ids)
-    grid.tamper = recorder
-    run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
+    run_dir, grid, recorder = run_recorded(experiment, tmp_path)
     a = reply_arrays(recorder.replies[(1, "a-digit")])["cofed/pred/digit"]
     b = reply_arrays(recorder.replies[(1, "b-digit")])["cofed/pred/digit"]
     assert a.shape == (16,) and reply_arrays(recorder.replies[(1, "c-seg-depth")]) == {}
     # two voters, min_agreement 0.5: a label only where both predicted the same class
     expected = torch.where(a == b, a, torch.full_like(a, -1.0))
-    sent = {
-        (int(str(m.content["config"]["server-round"])), ids[m.metadata.dst_node_id - 101]): m
-        for m in grid.sent
-        if m.metadata.message_type == "train"
-    }
+    sent = train_messages(grid, ids)
     for client in ("a-digit", "b-digit"):
         assert reply_arrays(sent[(1, client)].content) == {}
         torch.testing.assert_close(
@@ -300,21 +290,14 @@ def test_distillation_loss_by_hand() -> None:
 def test_feddf_distillation_target_is_the_mean_of_the_ensembles_logits(tmp_path: Path) -> None:
     experiment = tiny_experiment("feddf", rounds=2)
     ids = [c.client_id for c in experiment.clients]
-    grid = FakeGrid(app, len(ids))
-    recorder = TrainReplies(ids)
-    grid.tamper = recorder
-    run_dir, _ = run_in_process(experiment, tmp_path, grid=grid)
+    run_dir, grid, recorder = run_recorded(experiment, tmp_path)
     a = reply_arrays(recorder.replies[(1, "a-digit")])["feddf/logits/digit"]
     b = reply_arrays(recorder.replies[(1, "b-digit")])["feddf/logits/digit"]
     assert a.shape == (16, 10) and not torch.equal(a, b)
     assert not any(
         k.startswith("feddf/") for k in reply_arrays(recorder.replies[(1, "c-seg-depth")])
     )
-    sent = {
-        (int(str(m.content["config"]["server-round"])), ids[m.metadata.dst_node_id - 101]): m
-        for m in grid.sent
-        if m.metadata.message_type == "train"
-    }
+    sent = train_messages(grid, ids)
     for client in ("a-digit", "b-digit"):
         got = reply_arrays(sent[(2, client)].content)
         torch.testing.assert_close(got["feddf/target/digit"], (a + b) / 2, rtol=1e-6, atol=1e-6)
